@@ -1,0 +1,71 @@
+"""Development sessions. Plain ``nox`` runs everything except the benchmarks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+
+
+def _group(name: str) -> list[str]:
+    return list(nox.project.dependency_groups(PYPROJECT, name))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (async tests on asyncio and trio)."""
+    session.install("-e", ".[trio]", *_group("test"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".[trio]", *_group("typecheck"))
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx + MyST docs with warnings as errors."""
+    session.install("-e", ".", *_group("docs"))
+    session.run("sphinx-build", "-W", "--keep-going", "-n", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every script in examples/."""
+    session.install("-e", ".[trio]")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        session.log(f"running {script.name}")
+        session.run("python", str(script))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks in benchmarks/ and print ratios measured in one run."""
+    session.install("-e", ".[trio]")
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    selected = [s for s in scripts if not session.posargs or s.stem in session.posargs]
+    for script in selected:
+        if script.name.startswith("_"):
+            continue
+        session.log(f"running {script.name}")
+        session.run("python", str(script), env={**os.environ, **env})

@@ -1,0 +1,67 @@
+"""servekit: embeddable model serving.
+
+Put a trained model behind your own code: ``Predictor`` validates inputs and runs the
+model on a back end (``Inline``, ``Threads`` or ``Processes``), from threads or event
+loops, with typed errors. The guides are in docs/.
+"""
+
+import logging as _logging
+
+from ._model import FunctionModel as FunctionModel
+from ._model import Model as Model
+from ._model import model as model
+from ._predictor import Predictor as Predictor
+from ._predictor import PredictorState as PredictorState
+from ._predictor import PredictorStatistics as PredictorStatistics
+from ._signature import Array as Array
+from ._signature import Signature as Signature
+from .backends import Backend as Backend
+from .backends import Inline as Inline
+from .backends import Processes as Processes
+from .backends import Threads as Threads
+from .errors import BatchContractError as BatchContractError
+from .errors import Cancelled as Cancelled
+from .errors import Closed as Closed
+from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import InvalidInput as InvalidInput
+from .errors import ModelError as ModelError
+from .errors import ModelLoadError as ModelLoadError
+from .errors import Overloaded as Overloaded
+from .errors import SerializationError as SerializationError
+from .errors import ServekitError as ServekitError
+from .errors import WorkerCrashed as WorkerCrashed
+from .metrics import LatencySummary as LatencySummary
+
+__version__ = "0.1.0.dev0"
+
+# The library convention: servekit logs, and the host decides where the records go.
+_logging.getLogger("servekit").addHandler(_logging.NullHandler())
+
+__all__ = sorted(
+    [
+        "Array",
+        "Backend",
+        "BatchContractError",
+        "Cancelled",
+        "Closed",
+        "DeadlineExceeded",
+        "FunctionModel",
+        "Inline",
+        "InvalidInput",
+        "LatencySummary",
+        "Model",
+        "ModelError",
+        "ModelLoadError",
+        "Overloaded",
+        "Predictor",
+        "PredictorState",
+        "PredictorStatistics",
+        "Processes",
+        "SerializationError",
+        "ServekitError",
+        "Signature",
+        "Threads",
+        "WorkerCrashed",
+        "model",
+    ]
+)

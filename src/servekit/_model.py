@@ -1,0 +1,230 @@
+"""The Model: user code that turns a batch of inputs into a batch of outputs."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Generic, TypeVar, get_type_hints, overload
+
+import anyio
+
+from ._signature import Signature, item_type_of
+
+__all__ = ["FunctionModel", "Model", "as_model", "model"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+#: What ``Model.predict`` may return: one output (or exception object) per input item,
+#: or an awaitable of that.
+BatchResult = Sequence[Any] | Awaitable[Sequence[Any]]
+
+
+class Model(ABC, Generic[In, Out]):
+    """The base class of user models.
+
+    Subclass it and implement :meth:`predict`; override :meth:`load` to load weights
+    and :meth:`close` to release them. servekit calls ``load()`` once in every worker
+    that will call the model (in the worker process for :class:`~servekit.Processes`),
+    so heavy weights are never loaded in a parent that does not use them.
+
+    The input and output item types come from the annotation of ``predict``
+    (``batch: list[In]`` and ``-> list[Out]``) or from the class attributes
+    ``input_type`` and ``output_type``; inputs are then validated before they are
+    queued.
+
+    ``predict`` may be ``async def``; servekit then awaits it.
+
+    Example::
+
+        class Doubler(sk.Model[float, float]):
+            def predict(self, batch: list[float]) -> list[float]:
+                return [2 * x for x in batch]
+    """
+
+    #: The model's name in predictors and transports (default: the class name).
+    name: ClassVar[str | None] = None
+    #: The type of one input item, when the annotation of ``predict`` does not say it.
+    input_type: ClassVar[Any] = None
+    #: The type of one output item, when the annotation of ``predict`` does not say it.
+    output_type: ClassVar[Any] = None
+
+    def load(self) -> None:  # noqa: B027 - an optional hook, empty by design
+        """Load weights and other heavy state. Runs once in each worker, before predict."""
+
+    @abstractmethod
+    def predict(self, batch: list[In]) -> Any:
+        """Return one output per item of ``batch``, in order.
+
+        Return an exception object in an item's place to fail that item alone.
+        """
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, empty by design
+        """Release what :meth:`load` acquired. Runs once in each worker at shutdown."""
+
+    @property
+    def model_name(self) -> str:
+        """The name used for this model: :attr:`name`, or the class name."""
+        return self.name or type(self).__name__
+
+    @property
+    def is_async(self) -> bool:
+        """Whether ``predict`` is a coroutine function."""
+        return inspect.iscoroutinefunction(self.predict)
+
+    def signature(self) -> Signature:
+        """The model's :class:`~servekit.Signature`, from attributes or annotations."""
+        hints = _hints(type(self).predict)
+        params = [p for p in hints if p != "return"]
+        input_type = self.input_type
+        if input_type is None:
+            input_type = item_type_of(hints[params[0]]) if params else Any
+        output_type = self.output_type
+        if output_type is None:
+            output_type = item_type_of(hints.get("return", Any))
+        return Signature(input_type, output_type)
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return get_type_hints(fn, include_extras=True)
+    except Exception:
+        # Annotations that cannot be resolved (forward references to names that do not
+        # exist at run time) leave the model undescribed rather than unusable.
+        return {}
+
+
+class FunctionModel(Model[Any, Any]):
+    """A :class:`Model` made from a plain function (see :func:`model`).
+
+    A batch function takes a list and returns a list; a per-item function
+    (``per_item=True``) takes one item and returns one output, and is lifted to batches
+    with each item's exception kept to that item.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        per_item: bool = False,
+        name: str | None = None,
+        input_type: Any = None,
+        output_type: Any = None,
+    ) -> None:
+        self.fn = fn
+        self.per_item = per_item
+        self._name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._input_type = input_type
+        self._output_type = output_type
+        self._async = inspect.iscoroutinefunction(fn)
+
+    @property
+    def model_name(self) -> str:
+        """The function's name, or the ``name`` given."""
+        return self._name
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the function is a coroutine function."""
+        return self._async
+
+    def predict(self, batch: list[Any]) -> Any:
+        """Call the function on the batch (or on each item, for per-item functions)."""
+        if not self.per_item:
+            return self.fn(batch)
+        if self._async:
+            return self._apredict_items(batch)
+        outputs: list[Any] = []
+        for item in batch:
+            try:
+                outputs.append(self.fn(item))
+            except Exception as exc:
+                outputs.append(exc)
+        return outputs
+
+    async def _apredict_items(self, batch: list[Any]) -> list[Any]:
+        outputs: list[Any] = [None] * len(batch)
+
+        async def one(index: int, item: Any) -> None:
+            try:
+                outputs[index] = await self.fn(item)
+            except Exception as exc:
+                outputs[index] = exc
+
+        async with anyio.create_task_group() as tg:
+            for index, item in enumerate(batch):
+                tg.start_soon(one, index, item)
+        return outputs
+
+    def signature(self) -> Signature:
+        """The signature from ``input_type``/``output_type`` or the function's annotations."""
+        hints = _hints(self.fn)
+        params = [p for p in inspect.signature(self.fn).parameters if p in hints]
+        first = hints[params[0]] if params else Any
+        ret = hints.get("return", Any)
+        if not self.per_item:
+            first, ret = item_type_of(first), item_type_of(ret)
+        input_type = self._input_type if self._input_type is not None else first
+        output_type = self._output_type if self._output_type is not None else ret
+        return Signature(input_type, output_type)
+
+    def __repr__(self) -> str:
+        kind = "per-item" if self.per_item else "batch"
+        return f"<FunctionModel {self._name!r} ({kind})>"
+
+
+@overload
+def model(fn: Callable[..., Any], /) -> FunctionModel: ...
+
+
+@overload
+def model(
+    *,
+    per_item: bool = False,
+    name: str | None = None,
+    input_type: Any = None,
+    output_type: Any = None,
+) -> Callable[[Callable[..., Any]], FunctionModel]: ...
+
+
+def model(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    per_item: bool = False,
+    name: str | None = None,
+    input_type: Any = None,
+    output_type: Any = None,
+) -> FunctionModel | Callable[[Callable[..., Any]], FunctionModel]:
+    """Turn a plain function into a :class:`Model`.
+
+    Used bare on a batch function, or with options::
+
+        @sk.model
+        def double(batch: list[float]) -> list[float]:
+            return [2 * x for x in batch]
+
+        @sk.model(per_item=True)
+        def square(x: float) -> float:
+            return x * x
+    """
+
+    def wrap(f: Callable[..., Any]) -> FunctionModel:
+        return FunctionModel(
+            f, per_item=per_item, name=name, input_type=input_type, output_type=output_type
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def as_model(obj: Any, *, per_item: bool = False) -> Model[Any, Any]:
+    """Return ``obj`` as a :class:`Model`: models as they are, callables wrapped."""
+    if isinstance(obj, Model):
+        return obj
+    if callable(obj):
+        return FunctionModel(obj, per_item=per_item)
+    raise TypeError(
+        f"expected a servekit.Model or a callable, got {type(obj).__name__}; "
+        "subclass servekit.Model or pass a function"
+    )

@@ -1,0 +1,121 @@
+"""Running one batch through a model with per-item error isolation.
+
+The rule every back end keeps: one item never fails its batch-mates. When the model
+raises for a whole batch, the batch is split in halves and each half is retried, until
+the items that fail are alone; for one bad item among 32 that is at most
+1 + 2 * log2(32) = 11 calls. A model may also return an exception object in an item's
+place, which fails only that item. A model that returns the wrong number of outputs
+fails the whole batch with :class:`BatchContractError`, because no output can then be
+matched to its input safely.
+
+The splitting plan is a generator shared by the sync and async drivers, so the two
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BatchContractError, ModelError, ServekitError
+
+__all__ = ["Failure", "arun_batch", "run_batch", "to_model_error"]
+
+
+@dataclass(slots=True)
+class Failure:
+    """An item's failed outcome; ``error`` is what its caller receives (or its cause)."""
+
+    error: BaseException
+
+
+# Plan protocol: the generator yields (start, stop) slices of the batch to call; it is
+# sent either the list of outputs of that call or the exception the call raised; it
+# returns the outcomes of the whole batch, one per item.
+_Plan = Generator[tuple[int, int], Any, list[Any]]
+
+
+def _plan(n: int) -> _Plan:
+    outcomes: list[Any] = [None] * n
+    stack = [(0, n)]
+    while stack:
+        start, stop = stack.pop()
+        result = yield start, stop
+        if isinstance(result, Exception):
+            if stop - start == 1:
+                outcomes[start] = Failure(result)
+            else:
+                mid = (start + stop) // 2
+                # Pushed in reverse so that the left half runs first.
+                stack.append((mid, stop))
+                stack.append((start, mid))
+            continue
+        expected = stop - start
+        got = _length(result)
+        if got != expected:
+            error = BatchContractError(
+                f"the model returned {got} outputs for a batch of {expected} inputs; "
+                "predict(batch) must return exactly one output per input, in order"
+            )
+            outcomes[start:stop] = [Failure(error)] * expected
+            continue
+        for offset, value in enumerate(result):
+            outcomes[start + offset] = Failure(value) if isinstance(value, BaseException) else value
+    return outcomes
+
+
+def _length(result: Any) -> int | str:
+    try:
+        return len(result)
+    except TypeError:
+        return f"a {type(result).__name__} (not a sequence) instead of"
+
+
+def run_batch(predict: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> list[Any]:
+    """Call ``predict`` on ``items`` with error isolation; return one outcome per item."""
+    plan = _plan(len(items))
+    start, stop = next(plan)
+    while True:
+        try:
+            result: Any = predict(items[start:stop] if stop - start != len(items) else items)
+        except Exception as exc:
+            result = exc
+        try:
+            start, stop = plan.send(result)
+        except StopIteration as done:
+            outcomes: list[Any] = done.value
+            return outcomes
+
+
+async def arun_batch(
+    predict: Callable[[Sequence[Any]], Awaitable[Any]], items: Sequence[Any]
+) -> list[Any]:
+    """Async twin of :func:`run_batch` for models whose ``predict`` is a coroutine."""
+    plan = _plan(len(items))
+    start, stop = next(plan)
+    while True:
+        try:
+            result: Any = await predict(items[start:stop] if stop - start != len(items) else items)
+        except Exception as exc:
+            result = exc
+        try:
+            start, stop = plan.send(result)
+        except StopIteration as done:
+            outcomes: list[Any] = done.value
+            return outcomes
+
+
+def to_model_error(error: BaseException) -> BaseException:
+    """The exception a caller receives for a failed item.
+
+    servekit's own errors pass through; anything else is wrapped in :class:`ModelError`
+    with the original chained as ``__cause__``.
+    """
+    if isinstance(error, ServekitError):
+        return error
+    wrapped = ModelError(
+        f"the model raised {type(error).__name__}: {error}", error_type=type(error).__name__
+    )
+    wrapped.__cause__ = error
+    return wrapped

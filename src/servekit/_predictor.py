@@ -1,0 +1,543 @@
+"""The Predictor: the request-facing object that validates, dispatches and accounts."""
+
+from __future__ import annotations
+
+import enum
+import html
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from ._model import Model, as_model
+from ._outcome import Failure, to_model_error
+from ._signature import Signature
+from ._waker import SyncWaiter, make_async_waiter
+from .backends import Backend, Inline
+from .backends._base import Task
+from .errors import Closed, DeadlineExceeded, InvalidInput
+from .metrics import LatencySummary, LatencyWindow
+
+__all__ = ["Predictor", "PredictorState", "PredictorStatistics"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+_monotonic = time.monotonic
+_perf_counter = time.perf_counter
+
+
+class PredictorState(enum.Enum):
+    """Where a predictor is in its life."""
+
+    #: Created; the model is not loaded yet (the first call starts it).
+    NEW = "new"
+    #: Loaded and serving.
+    RUNNING = "running"
+    #: ``close()`` was called: no new requests; in-flight ones are draining.
+    CLOSING = "closing"
+    #: Everything it started has stopped.
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorStatistics:
+    """A snapshot of a predictor's counters (see :meth:`Predictor.statistics`)."""
+
+    #: The predictor's name.
+    name: str
+    #: Its state when the snapshot was taken.
+    state: PredictorState
+    #: The back end, e.g. ``Threads(2, shared model)``.
+    backend: str
+    #: Items requested (each item of ``predict_many`` counts once).
+    requests: int
+    #: Items that got an output.
+    succeeded: int
+    #: Items that failed (invalid input, model error, deadline, overload, crash...).
+    errors: int
+    #: Items accepted and not finished yet.
+    in_flight: int
+    #: End-to-end latency of recent calls (one observation per call).
+    latency: LatencySummary
+
+
+class _Call:
+    """One hand-off to a back end, waited on by one caller.
+
+    ``abandoned`` is set by the caller when it stops waiting (deadline, cancellation);
+    the back end then skips the batch if it has not started, and its outcomes are
+    dropped if it has.
+    """
+
+    __slots__ = ("abandoned", "deadline", "outcomes", "waiter")
+
+    def __init__(self, waiter: Any, deadline: float | None) -> None:
+        self.waiter = waiter
+        self.deadline = deadline
+        self.abandoned = False
+        self.outcomes: list[Any] | None = None
+
+    def done(self, outcomes: list[Any]) -> None:
+        self.outcomes = outcomes
+        self.waiter.wake()
+
+    def live(self) -> bool:
+        if self.abandoned:
+            return False
+        return self.deadline is None or _monotonic() < self.deadline
+
+
+class Predictor(Generic[In, Out]):
+    """Serve one model: validate inputs, run them on a back end, return outputs.
+
+    ``model`` is a :class:`~servekit.Model` or a plain function (a batch function, or a
+    per-item function with ``per_item=True``). ``backend`` says where the model runs
+    (default :class:`~servekit.Inline`). With ``validate=True`` each input is checked
+    against the model's signature before it is queued, and a bad one raises
+    :class:`~servekit.InvalidInput` naming the field.
+
+    Every method is thread-safe. Sync methods work from any thread, including one that
+    runs an event loop (a notebook cell); async methods work on asyncio and trio.
+    The predictor starts on first use or with :meth:`start`; prefer ``with predictor:``
+    (or ``async with``) so that :meth:`close` stops every thread and process it started.
+
+    Example::
+
+        with sk.Predictor(double, backend=sk.Threads(2)) as predictor:
+            predictor.predict(2.0)                  # 4.0
+            predictor.predict_many([1.0, 2.0])      # [2.0, 4.0]
+    """
+
+    def __init__(
+        self,
+        model: Model[In, Out] | Any,
+        *,
+        backend: Backend | None = None,
+        validate: bool = True,
+        name: str | None = None,
+        per_item: bool = False,
+    ) -> None:
+        self._model: Model[Any, Any] = as_model(model, per_item=per_item)
+        self._backend: Backend = backend if backend is not None else Inline()
+        #: The model's :class:`~servekit.Signature` (input and output item types).
+        self.signature: Signature = self._model.signature()
+        #: The predictor's name (default: the model's name).
+        self.name: str = name or self._model.model_name
+        self._validate = validate and self.signature.validates
+        # The Inline back end is called directly: no task, no hand-off, no waiter.
+        self._inline: Inline | None = self._backend if isinstance(self._backend, Inline) else None
+        self._starting = False
+        self._state = PredictorState.NEW
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._requests = 0
+        self._succeeded = 0
+        self._errors = 0
+        self._latency = LatencyWindow()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def model(self) -> Model[In, Out]:
+        """The model this predictor serves."""
+        return self._model
+
+    @property
+    def backend(self) -> Backend:
+        """The execution back end."""
+        return self._backend
+
+    @property
+    def state(self) -> PredictorState:
+        """The current :class:`PredictorState`."""
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """True when running and its back end is healthy (for readiness probes)."""
+        return self._state is PredictorState.RUNNING and getattr(self._backend, "healthy", True)
+
+    def start(self) -> None:
+        """Load the model on the back end. Idempotent; raises ModelLoadError if it fails."""
+        with self._lock:
+            while True:
+                if self._state is PredictorState.RUNNING:
+                    return
+                if self._state in (PredictorState.CLOSING, PredictorState.CLOSED):
+                    raise Closed(
+                        f"predictor {self.name!r} is closed; create a new Predictor to serve again"
+                    )
+                if not self._starting:
+                    self._starting = True
+                    break
+                self._changed.wait()
+        try:
+            self._backend.start(self._model)
+        finally:
+            with self._lock:
+                self._starting = False
+                self._changed.notify_all()
+        with self._lock:
+            self._state = PredictorState.RUNNING
+            self._changed.notify_all()
+
+    async def astart(self) -> None:
+        """Async twin of :meth:`start`: the model loads on a worker thread, not the loop."""
+        await anyio.to_thread.run_sync(self.start)
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop taking requests, drain in-flight ones within ``grace_s``, stop everything.
+
+        New calls raise :class:`~servekit.Closed` at once. Requests still running after
+        the grace fail with ``Closed``. Idempotent: a second call waits for the first.
+        """
+        with self._lock:
+            if self._state is PredictorState.NEW:
+                self._state = PredictorState.CLOSED
+                return
+            if self._state is not PredictorState.RUNNING:
+                self._changed.wait_for(lambda: self._state is PredictorState.CLOSED)
+                return
+            self._state = PredictorState.CLOSING
+            deadline = _monotonic() + max(grace_s, 0.0)
+            self._changed.wait_for(lambda: self._in_flight == 0, timeout=max(grace_s, 0.0))
+        try:
+            self._backend.close(max(deadline - _monotonic(), 0.0))
+        finally:
+            with self._lock:
+                self._state = PredictorState.CLOSED
+                self._changed.notify_all()
+
+    async def aclose(self, grace_s: float = 30.0) -> None:
+        """Async twin of :meth:`close` (drains on a worker thread, not the loop)."""
+        await anyio.to_thread.run_sync(self.close, grace_s)
+
+    def __enter__(self) -> Predictor[In, Out]:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Predictor[In, Out]:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- accounting ----------------------------------------------------------------
+
+    def _admit(self, n: int) -> None:
+        """Count ``n`` items in, or raise Closed. Starts the predictor on first use."""
+        if self._state is not PredictorState.RUNNING:
+            if self._state is PredictorState.NEW:
+                self.start()
+        with self._lock:
+            if self._state is not PredictorState.RUNNING:
+                self._requests += n
+                self._errors += n
+                raise Closed(f"predictor {self.name!r} is closing or closed")
+            self._in_flight += n
+            self._requests += n
+
+    def _finish(self, n: int, failed: int, started: float) -> None:
+        elapsed = _perf_counter() - started
+        with self._lock:
+            self._in_flight -= n
+            self._succeeded += n - failed
+            self._errors += failed
+            self._latency.record(elapsed)
+            if self._in_flight == 0 and self._state is PredictorState.CLOSING:
+                self._changed.notify_all()
+
+    def _reject(self, n: int) -> None:
+        with self._lock:
+            self._requests += n
+            self._errors += n
+
+    def statistics(self) -> PredictorStatistics:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return PredictorStatistics(
+                name=self.name,
+                state=self._state,
+                backend=self._backend.describe(),
+                requests=self._requests,
+                succeeded=self._succeeded,
+                errors=self._errors,
+                in_flight=self._in_flight,
+                latency=self._latency.summary(),
+            )
+
+    # -- one item ------------------------------------------------------------------
+
+    def predict(self, x: In, *, timeout_s: float | None = None) -> Out:
+        """Return the model's output for one input ``x``.
+
+        Raises :class:`~servekit.InvalidInput` (before queueing),
+        :class:`~servekit.ModelError`, :class:`~servekit.DeadlineExceeded` when
+        ``timeout_s`` passes first, :class:`~servekit.Overloaded`,
+        :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`.
+        """
+        if self._validate:
+            try:
+                x = self.signature.validate(x)
+            except InvalidInput:
+                self._reject(1)
+                raise
+        self._admit(1)
+        started = _perf_counter()
+        outcome: Any = None
+        try:
+            if self._inline is not None:
+                if timeout_s is not None and timeout_s <= 0:
+                    raise _deadline(timeout_s)
+                outcome = self._inline.run([x])[0]
+            else:
+                outcome = self._wait_sync([x], timeout_s)[0]
+        except BaseException:
+            self._finish(1, 1, started)
+            raise
+        failed = type(outcome) is Failure
+        self._finish(1, failed, started)
+        if failed:
+            raise to_model_error(outcome.error)
+        result: Out = outcome
+        return result
+
+    async def apredict(self, x: In, *, timeout_s: float | None = None) -> Out:
+        """Async twin of :meth:`predict`; cancelling the caller drops its request."""
+        if self._validate:
+            try:
+                x = self.signature.validate(x)
+            except InvalidInput:
+                self._reject(1)
+                raise
+        if self._state is PredictorState.NEW:
+            await self.astart()
+        self._admit(1)
+        started = _perf_counter()
+        outcome: Any = None
+        try:
+            if self._inline is not None:
+                if timeout_s is not None and timeout_s <= 0:
+                    raise _deadline(timeout_s)
+                outcome = (await self._inline.arun([x]))[0]
+            else:
+                outcome = (await self._wait_async([x], timeout_s))[0]
+        except BaseException:
+            self._finish(1, 1, started)
+            raise
+        failed = type(outcome) is Failure
+        self._finish(1, failed, started)
+        if failed:
+            raise to_model_error(outcome.error)
+        result: Out = outcome
+        return result
+
+    def _wait_sync(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        call = _Call(SyncWaiter(), deadline)
+        self._backend.submit(Task(items, call.done, call.live))
+        if not call.waiter.wait(timeout_s):
+            call.abandoned = True
+            raise _deadline(timeout_s)
+        assert call.outcomes is not None
+        return call.outcomes
+
+    async def _wait_async(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        call = _Call(make_async_waiter(), deadline)
+        self._backend.submit(Task(items, call.done, call.live))
+        try:
+            woken = await call.waiter.wait(timeout_s)
+        except BaseException:
+            call.abandoned = True  # cancelled: the back end skips it if not started
+            raise
+        if not woken:
+            call.abandoned = True
+            raise _deadline(timeout_s)
+        assert call.outcomes is not None
+        return call.outcomes
+
+    # -- many items ----------------------------------------------------------------
+
+    def predict_many(
+        self, xs: Iterable[In], *, timeout_s: float | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Return one output per input, in order.
+
+        Every item finishes before anything is raised; then the first failure (in input
+        order) is raised, unless ``return_exceptions=True``, which puts each failure's
+        exception in its item's place instead. Without a batcher the items are sent as
+        one batch per worker of the back end.
+        """
+        items = list(xs)
+        outcomes, valid = self._validate_many(items)
+        if valid:
+            self._admit(len(valid))
+            started = _perf_counter()
+            failed = len(valid)
+            try:
+                values = [items[i] for i in valid]
+                if self._inline is not None:
+                    results = self._inline.run(values)
+                else:
+                    results = self._many_sync(values, timeout_s)
+                for index, outcome in zip(valid, results, strict=True):
+                    outcomes[index] = outcome
+                failed = sum(type(o) is Failure for o in results)
+            finally:
+                self._finish(len(valid), failed, started)
+        return _unwrap_many(outcomes, return_exceptions)
+
+    async def apredict_many(
+        self, xs: Iterable[In], *, timeout_s: float | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Async twin of :meth:`predict_many`."""
+        items = list(xs)
+        outcomes, valid = self._validate_many(items)
+        if valid:
+            if self._state is PredictorState.NEW:
+                await self.astart()
+            self._admit(len(valid))
+            started = _perf_counter()
+            failed = len(valid)
+            try:
+                values = [items[i] for i in valid]
+                if self._inline is not None:
+                    results = await self._inline.arun(values)
+                else:
+                    results = await self._many_async(values, timeout_s)
+                for index, outcome in zip(valid, results, strict=True):
+                    outcomes[index] = outcome
+                failed = sum(type(o) is Failure for o in results)
+            finally:
+                self._finish(len(valid), failed, started)
+        return _unwrap_many(outcomes, return_exceptions)
+
+    def _validate_many(self, items: list[Any]) -> tuple[list[Any], list[int]]:
+        outcomes: list[Any] = [None] * len(items)
+        if not self._validate:
+            return outcomes, list(range(len(items)))
+        valid: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                items[index] = self.signature.validate(item, index=index)
+            except InvalidInput as exc:
+                outcomes[index] = Failure(exc)
+            else:
+                valid.append(index)
+        if len(valid) < len(items):
+            self._reject(len(items) - len(valid))
+        return outcomes, valid
+
+    def _chunks(self, items: list[Any]) -> list[list[Any]]:
+        parts = max(1, min(self._backend.capacity, len(items)))
+        size = -(-len(items) // parts)
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    def _many_sync(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        chunks = self._chunks(items)
+        calls = [_Call(SyncWaiter(), deadline) for _ in chunks]
+        for call, chunk in zip(calls, chunks, strict=True):
+            self._backend.submit(Task(chunk, call.done, call.live))
+        results: list[Any] = []
+        for call, chunk in zip(calls, chunks, strict=True):
+            remaining = None if deadline is None else deadline - _monotonic()
+            if call.waiter.wait(remaining):
+                assert call.outcomes is not None
+                results.extend(call.outcomes)
+            else:
+                call.abandoned = True
+                results.extend([Failure(_deadline(timeout_s))] * len(chunk))
+        return results
+
+    async def _many_async(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        chunks = self._chunks(items)
+        calls = [_Call(make_async_waiter(), deadline) for _ in chunks]
+        for call, chunk in zip(calls, chunks, strict=True):
+            self._backend.submit(Task(chunk, call.done, call.live))
+        results: list[Any] = []
+        try:
+            for call, chunk in zip(calls, chunks, strict=True):
+                remaining = None if deadline is None else deadline - _monotonic()
+                if await call.waiter.wait(remaining):
+                    assert call.outcomes is not None
+                    results.extend(call.outcomes)
+                else:
+                    call.abandoned = True
+                    results.extend([Failure(_deadline(timeout_s))] * len(chunk))
+        except BaseException:
+            for call in calls:
+                call.abandoned = True
+            raise
+        return results
+
+    # -- display -------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"<Predictor {self.name!r} {self._state.value} on {self._backend.describe()}, "
+            f"{self.signature!r}>"
+        )
+
+    def _repr_html_(self) -> str:
+        stats = self.statistics()
+        rows = [
+            ("state", stats.state.value),
+            ("back end", stats.backend),
+            ("signature", repr(self.signature)),
+            ("requests", f"{stats.requests:,}"),
+            ("succeeded", f"{stats.succeeded:,}"),
+            ("errors", f"{stats.errors:,}"),
+            ("in flight", f"{stats.in_flight:,}"),
+            ("latency p50 / p99", f"{stats.latency.p50_s * 1e3:.3f} / {stats.latency.p99_s * 1e3:.3f} ms"),
+        ]
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        return f"<table><caption>Predictor {html.escape(self.name)}</caption>{body}</table>"
+
+
+def _deadline(timeout_s: float | None) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"no result within timeout_s={timeout_s}; the request was dropped. Raise "
+        "timeout_s, or add capacity if requests are queueing"
+    )
+
+
+def _unwrap_many(outcomes: Sequence[Any], return_exceptions: bool) -> list[Any]:
+    results: list[Any] = []
+    first_error: BaseException | None = None
+    for outcome in outcomes:
+        if type(outcome) is Failure:
+            error = to_model_error(outcome.error)
+            if first_error is None:
+                first_error = error
+            results.append(error)
+        else:
+            results.append(outcome)
+    if first_error is not None and not return_exceptions:
+        raise first_error
+    return results

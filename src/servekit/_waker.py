@@ -1,0 +1,127 @@
+"""Waking a waiting caller from another thread: a plain thread, an asyncio or a trio loop.
+
+A request's result is produced on a worker thread (or the supervisor thread of a process
+pool); the caller waits on its own thread or event loop. A waiter is made by the caller,
+woken exactly once by the producer, and waited on by the caller, with an optional
+timeout. For plain threads a pre-acquired lock is the cheapest primitive (cheaper than
+``threading.Event``, which wraps a Condition); for event loops the wake-up is scheduled
+on the loop with its own thread-safe call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from _thread import allocate_lock
+from typing import Any, Protocol
+
+__all__ = ["AsyncWaiter", "SyncWaiter", "Waiter", "make_async_waiter"]
+
+
+class Waiter(Protocol):
+    """Something a producer can wake once, from any thread."""
+
+    def wake(self) -> None:
+        """Wake the waiting caller. Called at most once, from any thread."""
+
+
+class SyncWaiter:
+    """Waiter for a caller that blocks its thread."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = allocate_lock()
+        self._lock.acquire()
+
+    def wake(self) -> None:
+        """Release the waiting thread."""
+        self._lock.release()
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Block until woken; False if ``timeout_s`` passed first."""
+        if timeout_s is None:
+            return self._lock.acquire()
+        return self._lock.acquire(timeout=max(timeout_s, 0.0))
+
+
+class AsyncWaiter(Protocol):
+    """Waiter for a caller that awaits on an event loop."""
+
+    def wake(self) -> None:
+        """Wake the waiting task (thread-safe)."""
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        """Wait until woken; False if ``timeout_s`` passed first. Cancellation propagates."""
+
+
+class _AsyncioWaiter:
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._set)
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is waiting any more
+
+    def _set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        if timeout_s is None:
+            await self._future
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._future), max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class _TrioWaiter:
+    __slots__ = ("_event", "_token", "_trio")
+
+    def __init__(self, trio: Any) -> None:
+        self._trio = trio
+        self._event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def wake(self) -> None:
+        try:
+            self._token.run_sync_soon(self._event.set)
+        except self._trio.RunFinishedError:
+            pass  # the caller's run is over: nobody is waiting any more
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        if timeout_s is None:
+            await self._event.wait()
+            return True
+        with self._trio.move_on_after(max(timeout_s, 0.0)):
+            await self._event.wait()
+            return True
+        return False
+
+
+def make_async_waiter() -> AsyncWaiter:
+    """A waiter for the event loop running in this thread (asyncio or trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                pass
+            else:
+                return _TrioWaiter(trio)
+        raise RuntimeError(
+            "servekit's async methods need a running asyncio or trio event loop; "
+            "from plain threads use the sync methods (predict, not apredict)"
+        ) from None
+    return _AsyncioWaiter(loop)

@@ -1,0 +1,192 @@
+"""The Threads back end: a pool of worker threads that this back end owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import cloudpickle
+
+from .._model import Model
+from ..errors import Closed, ModelLoadError, Overloaded
+from ._base import Backend, Task, call_model, fail_all
+
+__all__ = ["Threads"]
+
+logger = logging.getLogger("servekit")
+
+
+class Threads(Backend):
+    """Run the model on ``n`` worker threads owned by this back end.
+
+    Good for models that release the GIL (numpy, PyTorch, ONNX Runtime) and for I/O-bound
+    models, and to keep slow sync models off an event loop. The pool has its own threads
+    and its own bounded queue (``max_queue`` batches waiting; beyond that, submissions
+    fail at once with :class:`~servekit.Overloaded`), so it never competes with anyio's
+    shared default thread limiter.
+
+    ``share_model=True`` (the default) loads one model instance, used by every thread:
+    memory is paid once, and ``predict`` must be thread-safe (numpy, scikit-learn and
+    PyTorch inference are). ``share_model=False`` gives each thread its own copy (made
+    with cloudpickle before ``load()``), loaded on that thread, for models that keep
+    per-call state.
+
+    Example::
+
+        sk.Predictor(model, backend=sk.Threads(2))
+    """
+
+    def __init__(self, n: int = 1, *, share_model: bool = True, max_queue: int = 1024) -> None:
+        if n < 1:
+            raise ValueError(f"Threads(n) needs n >= 1, got {n}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        #: Number of worker threads.
+        self.n = n
+        #: Whether the threads share one model instance.
+        self.share_model = share_model
+        #: Batches that may wait for a free thread before submissions are refused.
+        self.max_queue = max_queue
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Task] = deque()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._running = False
+        self._shared: Model[Any, Any] | None = None
+        self._run_time_s = 0.0  # moving average of one batch's run time, for retry hints
+
+    @property
+    def capacity(self) -> int:
+        """``n``: one batch per thread."""
+        return self.n
+
+    def describe(self) -> str:
+        """E.g. ``Threads(2, shared model)``."""
+        return f"Threads({self.n}, {'shared' if self.share_model else 'per-thread'} model)"
+
+    def start(self, model: Model[Any, Any]) -> None:
+        """Load the model (once, or once per thread) and start the threads."""
+        if self.share_model:
+            _load(model)
+            self._shared = model
+            models = [model] * self.n
+        else:
+            blob = cloudpickle.dumps(model)
+            models = [cloudpickle.loads(blob) for _ in range(self.n)]
+        loaded: list[BaseException | None] = []
+        ready = threading.Condition()
+        self._running = True
+        for index, own in enumerate(models):
+            thread = threading.Thread(
+                target=self._work,
+                args=(own, not self.share_model, loaded, ready),
+                name=f"servekit-worker-{model.model_name}-{index}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+        with ready:
+            ready.wait_for(lambda: len(loaded) == self.n)
+        failures = [err for err in loaded if err is not None]
+        if failures:
+            self.close(0.0)
+            raise failures[0]
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task`` for the next free thread."""
+        with self._cond:
+            if self._stopping or not self._running:
+                raise Closed("the Threads back end is closed")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(
+                    f"{len(self._queue)} batches are waiting for a worker thread "
+                    f"(max_queue={self.max_queue}); retry later or add threads",
+                    retry_after_s=max(self._run_time_s * len(self._queue) / self.n, 0.001),
+                )
+            self._queue.append(task)
+            self._cond.notify()
+
+    def _work(
+        self,
+        model: Model[Any, Any],
+        own_model: bool,
+        loaded: list[BaseException | None],
+        ready: threading.Condition,
+    ) -> None:
+        error: BaseException | None = None
+        if own_model:
+            try:
+                _load(model)
+            except ModelLoadError as exc:
+                error = exc
+        with ready:
+            loaded.append(error)
+            ready.notify_all()
+        if error is not None:
+            return
+        loop: asyncio.AbstractEventLoop | None = None
+        try:
+            if model.is_async:
+                loop = asyncio.new_event_loop()
+            run_coro = loop.run_until_complete if loop is not None else None
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    task = self._queue.popleft()
+                if task.skip_if_dead():
+                    continue
+                started = time.perf_counter()
+                outcomes = call_model(model, task.items, run_coro)  # type: ignore[arg-type]
+                self._run_time_s = 0.9 * self._run_time_s + 0.1 * (time.perf_counter() - started)
+                try:
+                    task.done(outcomes)
+                except Exception:  # pragma: no cover - done callbacks do not raise
+                    logger.exception("servekit: a task's completion callback raised")
+        finally:
+            if loop is not None:
+                loop.close()
+            if own_model:
+                model.close()
+
+    def close(self, grace_s: float) -> None:
+        """Let running batches finish (up to ``grace_s``), fail queued ones, join threads."""
+        with self._cond:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for task in queued:
+            task.done(fail_all(len(task.items), Closed("the predictor closed before this ran")))
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        for thread in self._threads:
+            # A thread that is only waiting for work exits at once; a thread inside a
+            # slow model gets what is left of the grace (threads cannot be killed).
+            thread.join(max(deadline - time.monotonic(), 0.1))
+            if thread.is_alive():
+                logger.warning(
+                    "servekit: worker thread %s is still inside the model after the grace "
+                    "period; it will exit when the model returns",
+                    thread.name,
+                )
+        self._threads.clear()
+        self._running = False
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
+
+
+def _load(model: Model[Any, Any]) -> None:
+    try:
+        model.load()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model.model_name}.load() raised {type(exc).__name__}: {exc}; "
+            "fix the model's load() and start again"
+        ) from exc

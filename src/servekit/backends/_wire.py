@@ -1,0 +1,67 @@
+"""Messages between a parent and its worker processes, over private pipes.
+
+Objects are pickled with protocol 5 and their large buffers (numpy arrays) travel out of
+band: each buffer is sent as its own message straight from the array's memory and
+received into a fresh writable ``bytearray`` that the unpickled array then uses, so an
+array is copied once by the pipe and never into the pickle stream. Pickle is read only
+from these pipes, which connect a parent to the workers it spawned itself.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["Encoded", "encode", "recv", "send"]
+
+_COUNT = struct.Struct("<I")
+_SIZE = struct.Struct("<Q")
+
+
+@dataclass(slots=True)
+class Encoded:
+    """A pickled object ready to send: the header-and-pickle message, then raw buffers."""
+
+    head: bytes
+    buffers: list[memoryview]
+
+
+def encode(obj: Any) -> Encoded:
+    """Pickle ``obj`` (raises whatever pickling raises)."""
+    buffers: list[pickle.PickleBuffer] = []
+    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [buf.raw() for buf in buffers]
+    head = b"".join(
+        [_COUNT.pack(len(raws)), *(_SIZE.pack(raw.nbytes) for raw in raws), payload]
+    )
+    return Encoded(head, raws)
+
+
+def send(conn: Connection, message: Encoded) -> None:
+    """Send an encoded object. Only one thread may send on ``conn`` at a time."""
+    conn.send_bytes(message.head)
+    for raw in message.buffers:
+        conn.send_bytes(raw)
+
+
+def recv(conn: Connection) -> Any:
+    """Receive one object sent with :func:`send`. Raises EOFError if the peer is gone."""
+    head = conn.recv_bytes()
+    (count,) = _COUNT.unpack_from(head, 0)
+    offset = _COUNT.size
+    buffers: list[bytearray] = []
+    for _ in range(count):
+        (size,) = _SIZE.unpack_from(head, offset)
+        offset += _SIZE.size
+        buffer = bytearray(size)
+        if size:
+            conn.recv_bytes_into(buffer)
+        else:
+            conn.recv_bytes()
+        buffers.append(buffer)
+    return pickle.loads(memoryview(head)[offset:], buffers=buffers)

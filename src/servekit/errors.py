@@ -1,0 +1,174 @@
+"""All servekit errors.
+
+Every error servekit raises is a :class:`ServekitError`. Each class has a stable
+``code`` string (transports map codes to protocol statuses) and a message that says
+what to do. Where the meaning matches a builtin, the class derives from it too, so
+``except TimeoutError`` and ``except ValueError`` keep working in host code.
+
+::
+
+    ServekitError
+    ├── InvalidInput (ValueError)        the input failed the model's signature; nothing was queued
+    ├── ModelError                       the model raised (or returned an exception) for this item
+    │   └── BatchContractError           the model returned the wrong number of outputs
+    ├── ModelLoadError                   Model.load() failed; the predictor did not start
+    ├── DeadlineExceeded (TimeoutError)  the request's timeout passed before a result
+    ├── Overloaded                       the queue is full; retry after ``retry_after_s``
+    ├── Closed                           the predictor is closing or closed
+    ├── Cancelled                        the request was cancelled before it finished
+    ├── WorkerCrashed                    the worker process running the request died
+    └── SerializationError               an input or output could not cross a process boundary
+
+All errors pickle with their attributes, so they cross process boundaries intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BatchContractError",
+    "Cancelled",
+    "Closed",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "ModelError",
+    "ModelLoadError",
+    "Overloaded",
+    "SerializationError",
+    "ServekitError",
+    "WorkerCrashed",
+]
+
+
+class ServekitError(Exception):
+    """Base class of every error servekit raises.
+
+    ``code`` is a stable, machine-readable name of the error class; ``message`` is the
+    human-readable text (also ``str(error)``).
+    """
+
+    #: Stable machine-readable name of this error class.
+    code: ClassVar[str] = "servekit_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def _state(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this error (besides ``message``)."""
+        return {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's default pickling passes only ``args`` to __init__, which loses
+        # keyword-only attributes; rebuild through a helper that passes them all.
+        return (_rebuild, (type(self), self.message, self._state()))
+
+
+def _rebuild(cls: type[ServekitError], message: str, state: dict[str, Any]) -> ServekitError:
+    return cls(message, **state)
+
+
+class InvalidInput(ServekitError, ValueError):
+    """The input does not match the model's signature; it was not queued.
+
+    ``errors`` lists each problem as ``{"loc": "field.path", "msg": "...", "type": "..."}``.
+
+    >>> str(InvalidInput("age: Input should be a valid integer"))
+    'age: Input should be a valid integer'
+    """
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors: list[dict[str, str]] = list(errors or [])
+
+    def _state(self) -> dict[str, Any]:
+        return {"errors": self.errors}
+
+
+class ModelError(ServekitError):
+    """The model failed for this item. The model's own exception is ``__cause__``.
+
+    ``error_type`` names the original exception's class, which survives even where the
+    original exception could not be pickled.
+    """
+
+    code = "model_error"
+
+    def __init__(self, message: str, *, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+    def _state(self) -> dict[str, Any]:
+        return {"error_type": self.error_type}
+
+
+class BatchContractError(ModelError):
+    """The model returned a number of outputs different from the number of inputs.
+
+    No output is handed to any caller of that batch, so no caller can get another's result.
+    """
+
+    code = "batch_contract"
+
+
+class ModelLoadError(ServekitError):
+    """``Model.load()`` raised; the predictor (or worker) could not start."""
+
+    code = "model_load_failed"
+
+
+class DeadlineExceeded(ServekitError, TimeoutError):
+    """The request's ``timeout_s`` passed before its result was ready."""
+
+    code = "deadline_exceeded"
+
+
+class Overloaded(ServekitError):
+    """The queue is full; the request was rejected at once. Retry after ``retry_after_s``."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def _state(self) -> dict[str, Any]:
+        return {"retry_after_s": self.retry_after_s}
+
+
+class Closed(ServekitError):
+    """The predictor is closing or closed and takes no new requests."""
+
+    code = "closed"
+
+
+class Cancelled(ServekitError):
+    """The request was cancelled before its result was ready."""
+
+    code = "cancelled"
+
+
+class WorkerCrashed(ServekitError):
+    """The worker process running this request died; the request was not retried.
+
+    ``exitcode`` is the process's exit code, or minus the signal number that killed it
+    (as :attr:`multiprocessing.Process.exitcode` reports it).
+    """
+
+    code = "worker_crashed"
+
+    def __init__(self, message: str, *, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    def _state(self) -> dict[str, Any]:
+        return {"exitcode": self.exitcode}
+
+
+class SerializationError(ServekitError):
+    """An input or output of this item could not be pickled to cross a process boundary."""
+
+    code = "serialization_error"
