@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, get_type_hints, overload
@@ -50,7 +51,7 @@ class Model(ABC, Generic[In, Out]):
     #: The type of one output item, when the annotation of ``predict`` does not say it.
     output_type: ClassVar[Any] = None
 
-    def load(self) -> None:  # noqa: B027 - an optional hook, empty by design
+    def load(self) -> None:
         """Load weights and other heavy state. Runs once in each worker, before predict."""
 
     @abstractmethod
@@ -60,7 +61,7 @@ class Model(ABC, Generic[In, Out]):
         Return an exception object in an item's place to fail that item alone.
         """
 
-    def close(self) -> None:  # noqa: B027 - an optional hook, empty by design
+    def close(self) -> None:
         """Release what :meth:`load` acquired. Runs once in each worker at shutdown."""
 
     @property
@@ -89,9 +90,14 @@ class Model(ABC, Generic[In, Out]):
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return get_type_hints(fn, include_extras=True)
-    except Exception:
-        # Annotations that cannot be resolved (forward references to names that do not
-        # exist at run time) leave the model undescribed rather than unusable.
+    except (NameError, TypeError, AttributeError) as exc:
+        # Annotations that cannot be resolved (a forward reference to a name that does
+        # not exist at run time) leave the model undescribed rather than unusable; say so.
+        warnings.warn(
+            f"servekit could not resolve the annotations of {fn.__qualname__} ({exc}); "
+            "its inputs will not be validated. Set input_type/output_type explicitly",
+            stacklevel=4,
+        )
         return {}
 
 
@@ -114,7 +120,7 @@ class FunctionModel(Model[Any, Any]):
     ) -> None:
         self.fn = fn
         self.per_item = per_item
-        self._name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._name: str = name or str(getattr(fn, "__name__", type(fn).__name__))
         self._input_type = input_type
         self._output_type = output_type
         self._async = inspect.iscoroutinefunction(fn)

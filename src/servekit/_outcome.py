@@ -72,38 +72,64 @@ def _length(result: Any) -> int | str:
         return f"a {type(result).__name__} (not a sequence) instead of"
 
 
-def run_batch(predict: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> list[Any]:
+def _clean(result: Any, n: int) -> bool:
+    """True when ``result`` is a list of ``n`` outputs with no exception among them."""
+    if type(result) is not list or len(result) != n:
+        return False
+    for value in result:  # noqa: SIM110 - a plain loop is faster than all() on this path
+        if isinstance(value, BaseException):
+            return False
+    return True
+
+
+def run_batch(predict: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """Call ``predict`` on ``items`` with error isolation; return one outcome per item."""
+    if not items:
+        return []
+    try:
+        result: Any = predict(items)
+    except Exception as exc:
+        result = exc
+    else:
+        if _clean(result, len(items)):
+            return result  # type: ignore[no-any-return]  # the fast path: no plan needed
     plan = _plan(len(items))
-    start, stop = next(plan)
-    while True:
-        try:
-            result: Any = predict(items[start:stop] if stop - start != len(items) else items)
-        except Exception as exc:
-            result = exc
-        try:
+    next(plan)  # the plan starts with the whole batch, which has just been called
+    try:
+        while True:
             start, stop = plan.send(result)
-        except StopIteration as done:
-            outcomes: list[Any] = done.value
-            return outcomes
+            try:
+                result = predict(items[start:stop])
+            except Exception as exc:
+                result = exc
+    except StopIteration as done:
+        outcomes: list[Any] = done.value
+        return outcomes
 
 
-async def arun_batch(
-    predict: Callable[[Sequence[Any]], Awaitable[Any]], items: Sequence[Any]
-) -> list[Any]:
+async def arun_batch(predict: Callable[[Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
     """Async twin of :func:`run_batch` for models whose ``predict`` is a coroutine."""
+    if not items:
+        return []
+    try:
+        result: Any = await predict(items)
+    except Exception as exc:
+        result = exc
+    else:
+        if _clean(result, len(items)):
+            return result  # type: ignore[no-any-return]
     plan = _plan(len(items))
-    start, stop = next(plan)
-    while True:
-        try:
-            result: Any = await predict(items[start:stop] if stop - start != len(items) else items)
-        except Exception as exc:
-            result = exc
-        try:
+    next(plan)
+    try:
+        while True:
             start, stop = plan.send(result)
-        except StopIteration as done:
-            outcomes: list[Any] = done.value
-            return outcomes
+            try:
+                result = await predict(items[start:stop])
+            except Exception as exc:
+                result = exc
+    except StopIteration as done:
+        outcomes: list[Any] = done.value
+        return outcomes
 
 
 def to_model_error(error: BaseException) -> BaseException:

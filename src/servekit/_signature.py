@@ -33,9 +33,13 @@ class Array:
     converted; values are cast when numpy calls the cast ``same_kind`` (float64 to
     float32, int to float), and refused otherwise (float to int, str to float).
 
+    Integers are also accepted into a narrower integer dtype when every value fits
+    (JSON integers arrive as int64).
+
     Use it as the item type, or inside an annotation::
 
-        sk.Predictor(fn, input_type=sk.Array("float32", (256,)))
+        @sk.model(input_type=sk.Array("float32", (256,)))
+        def score(batch): ...
 
         class Request(pydantic.BaseModel):
             pixels: Annotated[np.ndarray, sk.Array("uint8", (28, 28))]
@@ -57,16 +61,23 @@ class Array:
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"cannot be read as an array ({exc})") from None
         if array.dtype != target:
-            if not np.can_cast(array.dtype, target, casting="same_kind"):
+            if array.dtype.kind in "iu" and target.kind in "iu" and array.size:
+                # Integers from JSON arrive as int64: accept them when every value fits.
+                info = np.iinfo(target)
+                if array.min() < info.min or array.max() > info.max:
+                    raise ValueError(f"values do not fit in {target}")
+            elif not np.can_cast(array.dtype, target, casting="same_kind"):
                 raise ValueError(f"expected dtype {target}, got {array.dtype} (no safe cast)")
             array = array.astype(target)
-        if self.shape is not None:
-            if array.ndim != len(self.shape) or any(
+        if self.shape is not None and (
+            array.ndim != len(self.shape)
+            or any(
                 want is not None and want != got
                 for want, got in zip(self.shape, array.shape, strict=True)
-            ):
-                want_text = "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
-                raise ValueError(f"expected shape {want_text}, got {tuple(array.shape)}")
+            )
+        ):
+            want_text = "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
+            raise ValueError(f"expected shape {want_text}, got {tuple(array.shape)}")
         return array
 
     def __get_pydantic_core_schema__(
@@ -83,12 +94,13 @@ class Array:
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         kind = np.dtype(self.dtype).kind
-        leaf: dict[str, Any] = {
+        leaves: dict[str, dict[str, Any]] = {
             "b": {"type": "boolean"},
             "i": {"type": "integer"},
             "u": {"type": "integer", "minimum": 0},
             "f": {"type": "number"},
-        }.get(kind, {})
+        }
+        leaf = leaves.get(kind, {})
         dims = self.shape if self.shape is not None else ()
         result: dict[str, Any] = dict(leaf)
         for dim in reversed(dims):

@@ -101,10 +101,9 @@ class _TrioWaiter:
         if timeout_s is None:
             await self._event.wait()
             return True
-        with self._trio.move_on_after(max(timeout_s, 0.0)):
+        with self._trio.move_on_after(max(timeout_s, 0.0)) as scope:
             await self._event.wait()
-            return True
-        return False
+        return not scope.cancelled_caught
 
 
 def make_async_waiter() -> AsyncWaiter:

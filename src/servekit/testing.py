@@ -47,8 +47,8 @@ class Echo(Model[Any, Any]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
-        if "release" in state:
-            state["release"] = None  # an Event does not cross process boundaries
+        for name in ("release", "entered"):
+            state.pop(name, None)  # an Event does not cross process boundaries
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -60,7 +60,8 @@ class Slow(Echo):
     """An :class:`Echo` that sleeps ``delay_s`` per call (per batch, not per item).
 
     ``release`` (a threading.Event), when given, makes each call wait for it instead,
-    so a test can hold the model busy and release it at a moment of its choosing.
+    so a test can hold the model busy and release it at a moment of its choosing;
+    ``entered`` is set as each call begins, so the test knows the model is busy.
     """
 
     def __init__(self, delay_s: float = 0.05, *, release: threading.Event | None = None) -> None:
@@ -68,15 +69,23 @@ class Slow(Echo):
         #: Seconds each call sleeps.
         self.delay_s = delay_s
         #: Event each call waits for, if given (Inline and Threads back ends only).
-        self.release = release
+        self.release: threading.Event | None = release
+        #: Set when a call begins (Inline and Threads back ends only).
+        self.entered = threading.Event()
 
     def predict(self, batch: list[Any]) -> list[Any]:
         """Sleep (or wait for ``release``), then return ``batch`` unchanged."""
+        self.entered.set()
         if self.release is not None:
             self.release.wait()
         else:
             time.sleep(self.delay_s)
         return super().predict(batch)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.release = None
+        self.entered = threading.Event()
 
 
 class FailOn(Echo):
@@ -143,4 +152,3 @@ class Crash(Echo):
                 ctypes.string_at(0)
             os._exit(self.exit_code)
         return super().predict(batch)
-

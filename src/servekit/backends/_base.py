@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 from .._model import Model
 from .._outcome import Failure, arun_batch, run_batch
-from ..errors import Cancelled
 
 __all__ = ["Backend", "LoopThread", "Task", "call_model", "fail_all"]
 
@@ -24,20 +23,24 @@ class Task:
 
     ``done`` is called exactly once, from whichever thread finished the task, with one
     outcome per item (a :class:`~servekit._outcome.Failure` for a failed item).
-    ``live`` is asked just before the model runs; when it answers False (every caller
-    of the batch has gone) the model is not called and the items fail with Cancelled.
+    ``check`` is asked just before the model runs: it returns None to go on, or the
+    error to fail the items with instead (their caller has gone, or their deadline has
+    passed), and then the model is not called.
     """
 
     items: Sequence[Any]
     done: Callable[[list[Any]], None]
-    live: Callable[[], bool] | None = None
+    check: Callable[[], BaseException | None] | None = None
 
     def skip_if_dead(self) -> bool:
-        """Resolve the task as cancelled if nobody waits for it; True if it was."""
-        if self.live is not None and not self.live():
-            self.done(fail_all(len(self.items), Cancelled("the request was cancelled")))
-            return True
-        return False
+        """Fail the task without running it if ``check`` says so; True if it did."""
+        if self.check is None:
+            return False
+        error = self.check()
+        if error is None:
+            return False
+        self.done(fail_all(len(self.items), error))
+        return True
 
 
 def fail_all(n: int, error: BaseException) -> list[Any]:

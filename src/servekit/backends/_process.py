@@ -34,7 +34,14 @@ import cloudpickle
 
 from .._model import Model
 from .._outcome import Failure
-from ..errors import Closed, ModelError, ModelLoadError, Overloaded, SerializationError, WorkerCrashed
+from ..errors import (
+    Closed,
+    ModelError,
+    ModelLoadError,
+    Overloaded,
+    SerializationError,
+    WorkerCrashed,
+)
 from . import _wire
 from ._base import Backend, Task, call_model, fail_all
 
@@ -94,7 +101,9 @@ class Processes(Backend):
         sk.Predictor(model, backend=sk.Processes(2))
     """
 
-    def __init__(self, n: int = 2, *, max_queue: int = 1024, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, n: int = 2, *, max_queue: int = 1024, start_timeout_s: float = 120.0
+    ) -> None:
         if n < 1:
             raise ValueError(f"Processes(n) needs n >= 1, got {n}")
         if max_queue < 1:
@@ -117,7 +126,8 @@ class Processes(Backend):
         self._stop_supervisor = False
         self._running = False
         self._supervisor: threading.Thread | None = None
-        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._wake_r: Connection | None = None
+        self._wake_w: Connection | None = None
 
     @property
     def capacity(self) -> int:
@@ -147,6 +157,7 @@ class Processes(Backend):
 
     def start(self, model: Model[Any, Any]) -> None:
         """Spawn the workers, load the model in each, and wait until all are ready."""
+        self._closing = self._stop_supervisor = False  # a failed start may be retried
         self._model_blob = cloudpickle.dumps(model)
         self._model_name = model.model_name
         workers = [self._spawn(i) for i in range(self.n)]
@@ -168,9 +179,8 @@ class Processes(Backend):
         if error is not None:
             for worker in workers:
                 self._stop_worker(worker, 1.0)
-            self._wake_r.close()
-            self._wake_w.close()
             raise error
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._workers = workers
         self._running = True
         self._supervisor = threading.Thread(
@@ -258,7 +268,7 @@ class Processes(Backend):
                 outcomes[index] = outcome
             task.done(outcomes)
 
-        return _Queued(Task(items, merge, task.live), _wire.encode(items), keep)
+        return _Queued(Task(items, merge, task.check), _wire.encode(items), keep)
 
     def _idle_worker(self) -> _Worker | None:
         for worker in self._workers:
@@ -270,7 +280,7 @@ class Processes(Backend):
         # Outside the lock: the worker is reserved for this task (worker.task is set), so
         # no other thread sends on its pipe. If the worker has just died the send fails
         # and the supervisor, seeing the death, fails the task with WorkerCrashed.
-        if queued.task.live is not None and not queued.task.live():
+        if queued.task.check is not None and queued.task.check() is not None:
             with self._lock:
                 if worker.task is queued.task:
                     worker.task = None
@@ -307,6 +317,7 @@ class Processes(Backend):
             timeout = None
             if respawn_at:
                 timeout = max(min(respawn_at) - time.monotonic(), 0.0)
+            assert self._wake_r is not None
             waitables: list[Any] = [self._wake_r]
             for w in workers:
                 waitables.append(w.conn)
@@ -329,7 +340,13 @@ class Processes(Backend):
             self._on_death(worker)
             return
         except Exception as exc:  # the result could not be unpickled in the parent
-            message = ("done", fail_all(len(worker.task.items) if worker.task else 0, _serialization_error("output", exc)))
+            message = (
+                "done",
+                fail_all(
+                    len(worker.task.items) if worker.task else 0,
+                    _serialization_error("output", exc),
+                ),
+            )
         if message[0] == "ready":
             with self._lock:
                 worker.ready = True
@@ -337,7 +354,9 @@ class Processes(Backend):
             return
         if message[0] == "load_failed":
             self._counts.last_load_error = message[1]
-            logger.error("servekit: %s.load() failed in a new worker: %s", self._model_name, message[1])
+            logger.error(
+                "servekit: %s.load() failed in a new worker: %s", self._model_name, message[1]
+            )
             return  # the worker exits; its sentinel brings it to _on_death
         with self._lock:
             task, worker.task = worker.task, None
@@ -391,15 +410,15 @@ class Processes(Backend):
             due = [t for t in self._counts.respawn_at if t <= now]
             self._counts.respawn_at = [t for t in self._counts.respawn_at if t > now]
         for _ in due:
-            worker = self._spawn(self._counts.spawned)
-            with self._lock:
-                if self._closing:
-                    stale: _Worker | None = worker
-                else:
-                    self._workers.append(worker)
-                    stale = None
-            if stale is not None:
-                self._stop_worker(stale, 1.0)
+            self._adopt(self._spawn(self._counts.spawned))
+
+    def _adopt(self, worker: _Worker) -> None:
+        """Add a new worker to the pool, or stop it if the pool began closing meanwhile."""
+        with self._lock:
+            if not self._closing:
+                self._workers.append(worker)
+                return
+        self._stop_worker(worker, 1.0)
 
     # -- close -------------------------------------------------------------------
 
@@ -412,16 +431,21 @@ class Processes(Backend):
             queued = list(self._queue)
             self._queue.clear()
         for item in queued:
-            item.task.done(fail_all(len(item.task.items), Closed("the predictor closed before this ran")))
+            item.task.done(
+                fail_all(len(item.task.items), Closed("the predictor closed before this ran"))
+            )
         with self._lock:
             # The supervisor keeps delivering results while running batches finish.
             self._idle.wait_for(
                 lambda: all(w.task is None for w in self._workers), timeout=max(grace_s, 0.0)
             )
             self._stop_supervisor = True
+        assert self._wake_w is not None
+        assert self._wake_r is not None
         self._wake_w.send_bytes(b"x")
         if self._supervisor is not None:
             self._supervisor.join()
+            self._supervisor = None
         # From here on this thread alone touches the workers.
         workers, self._workers = self._workers, []
         for worker in workers:

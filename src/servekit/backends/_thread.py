@@ -70,6 +70,7 @@ class Threads(Backend):
 
     def start(self, model: Model[Any, Any]) -> None:
         """Load the model (once, or once per thread) and start the threads."""
+        self._stopping = False  # a start that failed earlier may be retried
         if self.share_model:
             _load(model)
             self._shared = model
@@ -175,11 +176,12 @@ class Threads(Backend):
                     "period; it will exit when the model returns",
                     thread.name,
                 )
+        stuck = [thread for thread in self._threads if thread.is_alive()]
         self._threads.clear()
         self._running = False
         shared, self._shared = self._shared, None
-        if shared is not None:
-            shared.close()
+        if shared is not None and not stuck:
+            shared.close()  # never under a thread that is still inside predict()
 
 
 def _load(model: Model[Any, Any]) -> None:

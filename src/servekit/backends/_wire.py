@@ -34,11 +34,15 @@ class Encoded:
 def encode(obj: Any) -> Encoded:
     """Pickle ``obj`` (raises whatever pickling raises)."""
     buffers: list[pickle.PickleBuffer] = []
-    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    try:
+        # Plain pickle is ~6x faster for data; cloudpickle handles what it cannot
+        # (lambdas, classes defined in __main__ or in a notebook).
+        payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        buffers.clear()
+        payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [buf.raw() for buf in buffers]
-    head = b"".join(
-        [_COUNT.pack(len(raws)), *(_SIZE.pack(raw.nbytes) for raw in raws), payload]
-    )
+    head = b"".join([_COUNT.pack(len(raws)), *(_SIZE.pack(raw.nbytes) for raw in raws), payload])
     return Encoded(head, raws)
 
 
