@@ -222,3 +222,20 @@ def test_deadline_of_a_queued_item_is_kept(tmp_path: Path) -> None:
             assert busy.result(timeout=10) == "busy"
         time.sleep(0.1)
         assert not (tmp_path / "late").exists()  # the expired item never reached the model
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("cannot be rebuilt in the worker")
+
+
+class Unloadable:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
+
+
+def test_input_that_cannot_be_unpickled_in_the_worker_fails_typed() -> None:
+    with sk.Predictor(Unpicklable(), backend=sk.Processes(1)) as p:
+        with pytest.raises(sk.SerializationError, match="cannot be rebuilt"):
+            p.predict(Unloadable())
+        assert p.predict(2) == 2
+        assert p.backend.restarts == 0  # type: ignore[attr-defined]

@@ -363,7 +363,14 @@ class Processes(Backend):
             self._counts.consecutive_crashes = 0
             self._idle.notify_all()
         if task is not None:
-            task.done(message[1])
+            if message[0] == "unreadable":
+                error = SerializationError(
+                    f"the worker could not unpickle the inputs ({message[1]}); define their "
+                    "types in an importable module, not only in the main script"
+                )
+                task.done(fail_all(len(task.items), error))
+            else:
+                task.done(message[1])
         self._dispatch_next()
 
     def _on_death(self, worker: _Worker) -> None:
@@ -528,6 +535,10 @@ def _worker_main(conn: Connection, model_blob: bytes) -> None:
                 items = _wire.recv(conn)
             except (EOFError, OSError):
                 return  # the parent is gone
+            except Exception as exc:  # the inputs could not be unpickled here
+                text = f"{type(exc).__name__}: {exc}"
+                _wire.send(conn, _wire.encode(("unreadable", text)))
+                continue
             if items is None:
                 return
             outcomes = call_model(model, items, run_coro)  # type: ignore[arg-type]

@@ -34,13 +34,9 @@ class Encoded:
 def encode(obj: Any) -> Encoded:
     """Pickle ``obj`` (raises whatever pickling raises)."""
     buffers: list[pickle.PickleBuffer] = []
-    try:
-        # Plain pickle is ~6x faster for data; cloudpickle handles what it cannot
-        # (lambdas, classes defined in __main__ or in a notebook).
-        payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        buffers.clear()
-        payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    # cloudpickle, not pickle, even for plain data: it sends classes defined in
+    # __main__ or in a notebook by value, which a spawned worker could not import.
+    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [buf.raw() for buf in buffers]
     head = b"".join([_COUNT.pack(len(raws)), *(_SIZE.pack(raw.nbytes) for raw in raws), payload])
     return Encoded(head, raws)
