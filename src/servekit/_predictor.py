@@ -311,11 +311,7 @@ class Predictor(Generic[In, Out]):
         :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`.
         """
         if self._validate:
-            try:
-                x = self.signature.validate(x)
-            except InvalidInput:
-                self._reject(1)
-                raise
+            x = self._checked(x)
         self._admit(1)
         started = _perf_counter()
         outcome: Any = None
@@ -329,21 +325,12 @@ class Predictor(Generic[In, Out]):
         except BaseException:
             self._finish(1, 1, started)
             raise
-        failed = type(outcome) is Failure
-        self._finish(1, failed, started)
-        if failed:
-            raise to_model_error(outcome.error)
-        result: Out = outcome
-        return result
+        return self._settle(outcome, started)
 
     async def apredict(self, x: In, *, timeout_s: float | None = None) -> Out:
         """Async twin of :meth:`predict`; cancelling the caller drops its request."""
         if self._validate:
-            try:
-                x = self.signature.validate(x)
-            except InvalidInput:
-                self._reject(1)
-                raise
+            x = self._checked(x)
         if self._state is _NEW:
             await self.astart()
         self._admit(1)
@@ -359,10 +346,21 @@ class Predictor(Generic[In, Out]):
         except BaseException:
             self._finish(1, 1, started)
             raise
-        failed = type(outcome) is Failure
-        self._finish(1, failed, started)
-        if failed:
+        return self._settle(outcome, started)
+
+    def _checked(self, x: Any) -> Any:
+        try:
+            return self.signature.validate(x)
+        except InvalidInput:
+            self._reject(1)
+            raise
+
+    def _settle(self, outcome: Any, started: float) -> Out:
+        """Account for one finished item; return its output or raise its error."""
+        if type(outcome) is Failure:
+            self._finish(1, 1, started)
             raise to_model_error(outcome.error)
+        self._finish(1, 0, started)
         result: Out = outcome
         return result
 

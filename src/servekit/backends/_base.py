@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 from .._model import Model
 from .._outcome import Failure, arun_batch, run_batch
+from ..errors import ModelLoadError
 
-__all__ = ["Backend", "LoopThread", "Task", "call_model", "fail_all"]
+__all__ = ["Backend", "LoopThread", "Task", "call_model", "fail_all", "load_model"]
 
 T = TypeVar("T")
 
@@ -110,6 +111,17 @@ class LoopThread:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+
+
+def load_model(model: Model[Any, Any]) -> None:
+    """Run ``model.load()``, turning its failure into a loud ModelLoadError."""
+    try:
+        model.load()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model.model_name}.load() raised {type(exc).__name__}: {exc}; "
+            "fix the model's load() and start again"
+        ) from exc
 
 
 def call_model(

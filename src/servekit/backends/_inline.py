@@ -7,8 +7,8 @@ from typing import Any
 
 from .._model import Model
 from .._outcome import arun_batch, run_batch
-from ..errors import Closed, ModelLoadError
-from ._base import Backend, LoopThread, Task, call_model
+from ..errors import Closed
+from ._base import Backend, LoopThread, Task, call_model, load_model
 
 __all__ = ["Inline"]
 
@@ -39,13 +39,7 @@ class Inline(Backend):
 
     def start(self, model: Model[Any, Any]) -> None:
         """Load the model on this thread."""
-        try:
-            model.load()
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{model.model_name}.load() raised {type(exc).__name__}: {exc}; "
-                "fix the model's load() and start again"
-            ) from exc
+        load_model(model)
         if model.is_async:
             self._loop_thread = LoopThread(f"servekit-inline-loop-{model.model_name}")
         self._model = model

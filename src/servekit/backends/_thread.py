@@ -13,7 +13,7 @@ import cloudpickle
 
 from .._model import Model
 from ..errors import Closed, ModelLoadError, Overloaded
-from ._base import Backend, Task, call_model, fail_all
+from ._base import Backend, Task, call_model, fail_all, load_model
 
 __all__ = ["Threads"]
 
@@ -72,7 +72,7 @@ class Threads(Backend):
         """Load the model (once, or once per thread) and start the threads."""
         self._stopping = False  # a start that failed earlier may be retried
         if self.share_model:
-            _load(model)
+            load_model(model)
             self._shared = model
             models = [model] * self.n
         else:
@@ -121,7 +121,7 @@ class Threads(Backend):
         error: BaseException | None = None
         if own_model:
             try:
-                _load(model)
+                load_model(model)
             except ModelLoadError as exc:
                 error = exc
         with ready:
@@ -182,13 +182,3 @@ class Threads(Backend):
         shared, self._shared = self._shared, None
         if shared is not None and not stuck:
             shared.close()  # never under a thread that is still inside predict()
-
-
-def _load(model: Model[Any, Any]) -> None:
-    try:
-        model.load()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{model.model_name}.load() raised {type(exc).__name__}: {exc}; "
-            "fix the model's load() and start again"
-        ) from exc
