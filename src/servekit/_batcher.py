@@ -1,0 +1,564 @@
+"""The batching engine: many single-item callers in, batches of items out.
+
+:class:`Batcher` stands alone around any batch function::
+
+    with Batcher(double_all, max_batch_size=32) as b:
+        b.submit(2.0)             # from any thread
+        await b.asubmit(2.0)      # from asyncio or trio
+
+How it runs. Callers append a record to a lock-protected deque and notify a
+:class:`threading.Condition`. The Batcher owns ``max_concurrent_batches`` worker threads
+(``servekit-batcher-<name>-<i>``); each one is one batch slot. An idle worker waits on the
+condition (never a polling loop), takes a batch from the head of the queue, runs the
+function on it with per-item error isolation (:func:`~servekit._outcome.run_batch`), and
+resolves every caller of the batch. While a worker runs a batch, callers keep queueing, and
+the next idle worker takes what has gathered: under load batches grow by themselves, with
+no timer.
+
+Why the worker forms its own batch (and there is no separate engine thread that hands
+batches to workers): a batch cannot go anywhere until a slot is free, so forming it any
+earlier gains nothing, and a hand-off from an engine thread to a worker would cost one more
+thread wake-up per batch — on the lone caller's path, the one that matters most (DESIGN.md
+§5). Deadlines need no timer thread either: each caller waits with its own timeout and
+takes its item out of the queue itself when it gives up. With ``max_concurrent_batches=1``
+(the default) this is exactly the recommended shape: one thread that owns the batching.
+
+Invariants (all under ``self._lock``):
+
+* a record is in ``self._queue`` iff ``record.queued``;
+* ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
+  settles a record wakes its caller, unless the caller settled it itself (it gave up);
+* an item whose record is settled before its batch is formed never reaches the function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from ._outcome import Failure, arun_batch, run_batch, to_model_error
+from ._waker import SyncWaiter, Waiter, make_async_waiter
+from .errors import Cancelled, Closed, DeadlineExceeded, Overloaded
+
+__all__ = ["Batcher", "BatcherStatistics"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+_monotonic = time.monotonic
+
+# Lifecycle states, in order. Plain ints: compared on every submit.
+_NEW = 0  # no thread started yet (the first submit or start() starts them)
+_OPEN = 1  # serving
+_CLOSING = 2  # close() called: no admission; workers drain the queue at once
+_STOPPING = 3  # grace over or queue drained: workers exit when they see it
+_CLOSED = 4  # every thread joined
+
+# retry_after_s hint before any batch has been timed.
+_DEFAULT_RETRY_AFTER_S = 0.05
+# Weight of the newest batch duration in the moving average behind retry_after_s.
+_EWMA_ALPHA = 0.2
+
+_names = iter(range(1, 1 << 62))
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStatistics:
+    """A consistent snapshot of a :class:`Batcher`'s counters (see :meth:`Batcher.statistics`).
+
+    Every accepted item ends in exactly one of ``succeeded``, ``failed``, ``expired``,
+    ``cancelled`` or ``closed``. ``rejected`` items were never accepted, nor were items
+    submitted with ``timeout_s <= 0`` (counted in ``expired``).
+    """
+
+    #: Items waiting in the queue now.
+    queue_depth: int
+    #: Batches running now.
+    running_batches: int
+    #: Batches sent to the function so far (a batch retried in halves counts once).
+    batches: int
+    #: Items sent to the function so far.
+    items: int
+    #: ``items / batches`` (0.0 before the first batch).
+    mean_batch_size: float
+    #: Items whose caller got the function's output.
+    succeeded: int
+    #: Items whose caller got an error from the function (``ModelError`` and the like).
+    failed: int
+    #: Items refused with ``Overloaded`` because the queue was full.
+    rejected: int
+    #: Items whose ``timeout_s`` passed before a result (``DeadlineExceeded``).
+    expired: int
+    #: Items whose async caller was cancelled before a result.
+    cancelled: int
+    #: Items failed with ``Closed`` because the grace period of ``close`` ran out.
+    closed: int
+
+
+@dataclass(slots=True, eq=False)  # eq=False: identity, so deque.remove finds this record
+class _Pending:
+    """One submitted item and the caller waiting for it."""
+
+    item: Any
+    deadline: float | None  # monotonic seconds; None = no deadline
+    enqueued: float  # monotonic seconds, for max_wait_s
+    waiter: Waiter  # wakes the caller's thread or event loop
+    queued: bool = True  # True while in Batcher._queue
+    settled: bool = False  # set once, with outcome, under the Batcher's lock
+    outcome: Any = None  # the output, or a Failure
+
+
+class Batcher(Generic[In, Out]):
+    """Batch single-item calls to ``fn``, a function from a list of inputs to their outputs.
+
+    ``fn(batch: list[In]) -> Sequence[Out]`` returns one output per input, in order; it may
+    be a coroutine function (run on a private event loop of the worker thread). It may
+    return an exception object in an item's place to fail that item alone; if it raises,
+    the batch is split in halves and retried until the failing items are alone, and only
+    their callers get :class:`~servekit.ModelError` — one item never fails its batch-mates.
+
+    **When a batch is sent.** A batch is at most ``max_batch_size`` items. There are
+    ``max_concurrent_batches`` batch slots (worker threads).
+
+    * Default (``wait_for_full=False``): a free slot takes *at once* whatever is queued, up
+      to ``max_batch_size`` items. A lone caller never waits for company; under load,
+      items gather while every slot is busy, so batches grow with load by themselves.
+      ``max_wait_s`` plays no part: no item ever waits while a slot is free.
+    * ``wait_for_full=True``: a free slot waits until ``max_batch_size`` items are queued,
+      or the oldest queued item has waited ``max_wait_s``, whichever comes first. Use it
+      when a fuller batch is worth the latency (a GPU). With ``max_wait_s=0`` it is the
+      same as the default.
+
+    **Deadlines.** ``submit(x, timeout_s=...)``: when the timeout passes the caller gets
+    :class:`~servekit.DeadlineExceeded` on time. A queued item is taken out of the queue
+    and never reaches ``fn``; if its batch is already running, its result is dropped.
+
+    **Cancellation.** An async caller that is cancelled takes its item out of the queue; if
+    its batch already runs, the result is dropped.
+
+    **Backpressure.** At most ``max_queue`` items wait (default 1024). When the queue is
+    full, :meth:`submit` raises :class:`~servekit.Overloaded` at once, with a
+    ``retry_after_s`` hint: the expected time until a slot takes the next batch.
+
+    **Lifecycle.** Threads start on first use, or with :meth:`start` / ``with`` /
+    ``async with``. :meth:`close` stops admission (:class:`~servekit.Closed`), drains the
+    queue within ``grace_s``, fails what is left with ``Closed``, and joins every thread.
+
+    Example::
+
+        def double_all(xs: list[float]) -> list[float]:
+            return [2 * x for x in xs]
+
+        with Batcher(double_all, max_batch_size=64) as b:
+            b.submit(2.0)  # 4.0
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[In]], Any] | None = None,
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.002,
+        wait_for_full: bool = False,
+        max_queue: int = 1024,
+        max_concurrent_batches: int = 1,
+        name: str | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        if max_wait_s < 0 or math.isnan(max_wait_s):
+            raise ValueError(f"max_wait_s must be 0 or more seconds, not {max_wait_s}")
+        if max_queue < 1:
+            raise ValueError(
+                f"max_queue must be at least 1, not {max_queue}; the queue is always bounded"
+            )
+        if max_concurrent_batches < 1:
+            raise ValueError(
+                f"max_concurrent_batches must be at least 1, not {max_concurrent_batches}"
+            )
+        self._fn = fn
+        #: Most items in one batch.
+        self.max_batch_size: int = max_batch_size
+        #: With ``wait_for_full``, the longest the oldest queued item waits for company.
+        self.max_wait_s: float = max_wait_s
+        #: Whether a free slot waits for a full batch (up to ``max_wait_s``).
+        self.wait_for_full: bool = wait_for_full
+        #: Most items waiting in the queue.
+        self.max_queue: int = max_queue
+        #: Number of batch slots (worker threads).
+        self.max_concurrent_batches: int = max_concurrent_batches
+        #: The name used in thread names and messages.
+        self.name: str = name or f"{getattr(fn, '__name__', 'batcher')}-{next(_names)}"
+        self._lock = threading.Lock()
+        # Idle workers wait here for items (or for max_wait_s of the oldest item).
+        self._ready = threading.Condition(self._lock)
+        # close() waits here for the queue to empty.
+        self._drained = threading.Condition(self._lock)
+        self._queue: deque[_Pending] = deque()
+        self._state = _NEW
+        self._threads: list[threading.Thread] = []
+        self._closed_event = threading.Event()  # set when close() has finished
+        self._running = 0
+        self._batch_s = 0.0  # moving average of batch durations (0.0: none timed yet)
+        self._batches = 0
+        self._items = 0
+        self._succeeded = 0
+        self._failed = 0
+        self._rejected = 0
+        self._expired = 0
+        self._cancelled = 0
+        self._closed = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker threads. Idempotent; raises ``Closed`` after :meth:`close`."""
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._state == _OPEN:
+            return
+        if self._state != _NEW:
+            raise Closed(f"batcher {self.name!r} is closing or closed; create a new Batcher")
+        if self._fn is None:
+            raise TypeError(
+                f"batcher {self.name!r} has no function to batch; pass one: Batcher(fn, ...)"
+            )
+        fn = self._fn
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+        )
+        for index in range(self.max_concurrent_batches):
+            thread = threading.Thread(
+                target=self._work,
+                args=(fn, is_async),
+                name=f"servekit-batcher-{self.name}-{index}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+        self._state = _OPEN
+        for thread in self._threads:
+            thread.start()
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop admission, drain the queue within ``grace_s``, fail the rest, join threads.
+
+        New submissions raise :class:`~servekit.Closed` at once. Queued items are sent in
+        batches as fast as slots allow (without waiting for full batches); what is still
+        queued when ``grace_s`` runs out fails with ``Closed``. A batch already running
+        cannot be interrupted (it is a thread): ``close`` waits for it, and its callers get
+        their results. Idempotent: a second call waits for the first to finish.
+        """
+        grace_s = max(grace_s, 0.0)
+        if threading.current_thread() in self._threads:
+            raise RuntimeError(
+                f"batcher {self.name!r} cannot be closed from its own batch function: "
+                "close would wait for the very batch that calls it"
+            )
+        with self._lock:
+            if self._state == _NEW:
+                self._state = _CLOSED
+                self._closed_event.set()
+                return
+            if self._state != _OPEN:
+                first = False
+            else:
+                first = True
+                self._state = _CLOSING
+                self._ready.notify_all()  # workers waiting for a full batch send it now
+                self._drained.wait_for(lambda: not self._queue, timeout=grace_s)
+                leftover = list(self._queue)
+                self._queue.clear()
+                error = Closed(
+                    f"batcher {self.name!r} closed before this item was sent "
+                    f"(grace_s={grace_s} ran out); retry on a new Batcher"
+                )
+                for record in leftover:
+                    record.queued = False
+                    record.settled = True
+                    record.outcome = Failure(error)
+                self._closed += len(leftover)
+                self._state = _STOPPING
+                self._ready.notify_all()
+        if not first:
+            self._closed_event.wait()
+            return
+        try:
+            for record in leftover:
+                record.waiter.wake()
+            for thread in self._threads:
+                thread.join()
+        finally:
+            with self._lock:
+                self._state = _CLOSED
+            self._closed_event.set()
+
+    async def aclose(self, grace_s: float = 30.0) -> None:
+        """Async twin of :meth:`close` (waits on a worker thread, not on the loop)."""
+        import anyio  # a dependency of servekit; imported here to keep import time low
+
+        await anyio.to_thread.run_sync(self.close, grace_s)
+
+    def __enter__(self) -> Batcher[In, Out]:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Batcher[In, Out]:
+        self.start()  # only starts threads: does not block the loop
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- submitting --------------------------------------------------------------------
+
+    def submit(self, x: In, *, timeout_s: float | None = None) -> Out:
+        """Return ``fn``'s output for one input ``x``, batched with concurrent callers.
+
+        Blocks the calling thread. Raises :class:`~servekit.Overloaded` (queue full, at
+        once), :class:`~servekit.Closed`, :class:`~servekit.DeadlineExceeded` when
+        ``timeout_s`` passes first, or :class:`~servekit.ModelError` when ``fn`` failed for
+        this item.
+        """
+        waiter = SyncWaiter()
+        record = self._enqueue(x, timeout_s, waiter)
+        if not waiter.wait(timeout_s):
+            self._give_up(record, _deadline_error(timeout_s), expired=True)
+        result: Out = _unwrap(record.outcome)
+        return result
+
+    async def asubmit(self, x: In, *, timeout_s: float | None = None) -> Out:
+        """Async twin of :meth:`submit` for asyncio and trio.
+
+        Cancelling the caller takes its item out of the queue; if its batch already runs,
+        the result is dropped.
+        """
+        waiter = make_async_waiter()
+        record = self._enqueue(x, timeout_s, waiter)
+        try:
+            woken = await waiter.wait(timeout_s)
+        except BaseException:
+            self._give_up(record, Cancelled("the caller was cancelled before its result was ready"))
+            raise
+        if not woken:
+            self._give_up(record, _deadline_error(timeout_s), expired=True)
+        result: Out = _unwrap(record.outcome)
+        return result
+
+    def _enqueue(self, x: Any, timeout_s: float | None, waiter: Waiter) -> _Pending:
+        now = _monotonic()
+        record = _Pending(x, None if timeout_s is None else now + timeout_s, now, waiter)
+        with self._lock:
+            if self._state != _OPEN:
+                self._start_locked()  # raises Closed once close() has been called
+            if len(self._queue) >= self.max_queue:
+                self._rejected += 1
+                retry_after_s = self._retry_after_locked()
+                raise Overloaded(
+                    f"batcher {self.name!r} has {len(self._queue)} items queued "
+                    f"(max_queue={self.max_queue}); retry after {retry_after_s:.3f} s, or add "
+                    "capacity (max_concurrent_batches, max_batch_size)",
+                    retry_after_s=retry_after_s,
+                )
+            if timeout_s is not None and timeout_s <= 0:
+                self._expired += 1
+                raise _deadline_error(timeout_s)
+            self._queue.append(record)
+            self._ready.notify()
+        return record
+
+    def _retry_after_locked(self) -> float:
+        # The queue frees max_batch_size places each time a slot takes a batch, which
+        # happens about every batch duration / slots.
+        if self._batch_s <= 0.0:
+            return _DEFAULT_RETRY_AFTER_S
+        return max(self._batch_s / self.max_concurrent_batches, 0.001)
+
+    def _give_up(self, record: _Pending, error: BaseException, *, expired: bool = False) -> None:
+        """The caller stops waiting: settle its record with ``error`` unless already settled.
+
+        Returns normally when the record was settled first by a worker (the caller then
+        takes that outcome, which is at least as good).
+        """
+        with self._lock:
+            if record.settled:
+                return
+            record.settled = True
+            record.outcome = Failure(error)
+            if expired:
+                self._expired += 1
+            else:
+                self._cancelled += 1
+            if record.queued:
+                record.queued = False
+                self._queue.remove(record)  # O(queue), bounded by max_queue
+                if not self._queue and self._state == _CLOSING:
+                    self._drained.notify_all()
+
+    # -- the workers -----------------------------------------------------------------
+
+    def _work(self, fn: Callable[[list[Any]], Any], is_async: bool) -> None:
+        """One batch slot: take a batch, run it, resolve its callers; until stopped."""
+        loop = asyncio.new_event_loop() if is_async else None
+        try:
+            while True:
+                with self._lock:
+                    taken = self._take_locked()
+                    if taken is None:
+                        return
+                    batch, expired = taken
+                    if batch:
+                        self._running += 1
+                for record in expired:
+                    record.waiter.wake()
+                if batch:
+                    self._run(fn, loop, batch)
+        finally:
+            if loop is not None:
+                loop.close()
+
+    def _take_locked(self) -> tuple[list[_Pending], list[_Pending]] | None:
+        """Wait for a batch and take it: (live records, records expired on the way).
+
+        None when the worker should exit. Called with the lock held; waits on the
+        condition, never polls.
+        """
+        queue = self._queue
+        while True:
+            if queue:
+                if self.wait_for_full and self._state == _OPEN and len(queue) < self.max_batch_size:
+                    remaining = queue[0].enqueued + self.max_wait_s - _monotonic()
+                    if remaining > 0:
+                        self._ready.wait(remaining)
+                        continue
+                return self._form_locked()
+            if self._state >= _STOPPING:
+                return None
+            self._ready.wait()
+
+    def _form_locked(self) -> tuple[list[_Pending], list[_Pending]]:
+        queue = self._queue
+        batch: list[_Pending] = []
+        expired: list[_Pending] = []
+        now = _monotonic()
+        while queue and len(batch) < self.max_batch_size:
+            record = queue.popleft()
+            record.queued = False
+            # Given-up records leave the queue at once (_give_up), so every record here is
+            # unsettled; one whose deadline has passed is failed instead of being sent.
+            if record.deadline is not None and now >= record.deadline:
+                record.settled = True
+                record.outcome = Failure(_deadline_error(None))
+                expired.append(record)
+            else:
+                batch.append(record)
+        self._expired += len(expired)
+        if not queue and self._state == _CLOSING:
+            self._drained.notify_all()
+        return batch, expired
+
+    def _run(
+        self,
+        fn: Callable[[list[Any]], Any],
+        loop: asyncio.AbstractEventLoop | None,
+        batch: list[_Pending],
+    ) -> None:
+        items = [record.item for record in batch]
+        started = _monotonic()
+        try:
+            if loop is None:
+                outcomes = run_batch(fn, items)
+            else:
+                outcomes = loop.run_until_complete(arun_batch(fn, items))
+        except BaseException as exc:
+            # run_batch isolates Exceptions; this is SystemExit or the like raised by fn.
+            # Fail this batch's callers and keep the slot alive: a dead worker thread would
+            # leave every later caller waiting forever.
+            outcomes = [Failure(exc)] * len(batch)
+        elapsed = _monotonic() - started
+        woken: list[_Pending] = []
+        with self._lock:
+            self._running -= 1
+            self._batches += 1
+            self._items += len(batch)
+            self._batch_s = (
+                elapsed
+                if self._batch_s <= 0.0
+                else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
+            )
+            for record, outcome in zip(batch, outcomes, strict=True):
+                if record.settled:
+                    continue  # its caller gave up while the batch ran: the result is dropped
+                record.settled = True
+                record.outcome = outcome
+                if type(outcome) is Failure:
+                    self._failed += 1
+                else:
+                    self._succeeded += 1
+                woken.append(record)
+        for record in woken:
+            record.waiter.wake()
+
+    # -- accounting ------------------------------------------------------------------
+
+    def statistics(self) -> BatcherStatistics:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return BatcherStatistics(
+                queue_depth=len(self._queue),
+                running_batches=self._running,
+                batches=self._batches,
+                items=self._items,
+                mean_batch_size=self._items / self._batches if self._batches else 0.0,
+                succeeded=self._succeeded,
+                failed=self._failed,
+                rejected=self._rejected,
+                expired=self._expired,
+                cancelled=self._cancelled,
+                closed=self._closed,
+            )
+
+    def __repr__(self) -> str:
+        states = {_NEW: "new", _OPEN: "open", _CLOSING: "closing", _STOPPING: "closing"}
+        state = states.get(self._state, "closed")
+        return (
+            f"<Batcher {self.name!r} {state}, max_batch_size={self.max_batch_size}, "
+            f"max_concurrent_batches={self.max_concurrent_batches}, "
+            f"queued={len(self._queue)}/{self.max_queue}>"
+        )
+
+
+def _unwrap(outcome: Any) -> Any:
+    if type(outcome) is Failure:
+        raise to_model_error(outcome.error)
+    return outcome
+
+
+def _deadline_error(timeout_s: float | None) -> DeadlineExceeded:
+    within = "within its timeout_s" if timeout_s is None else f"within timeout_s={timeout_s}"
+    return DeadlineExceeded(
+        f"no result {within}; the item was dropped. Raise timeout_s, or add capacity if "
+        "items are queueing"
+    )

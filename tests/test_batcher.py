@@ -1,0 +1,450 @@
+"""The standalone Batcher: batch formation, deadlines, cancellation, backpressure, close."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import servekit as sk
+from servekit import _batcher
+from servekit._batcher import Batcher
+
+# Generous: these bound a wait that should be near-instant, so a slow CI machine passes.
+SLACK_S = 0.5
+WAIT_S = 10.0
+
+
+class Recorder:
+    """A batch function that logs every call and can be held at its start by a gate."""
+
+    def __init__(self, fn: Callable[[Any], Any] = lambda x: x * 2, *, gated: bool = False) -> None:
+        self.fn = fn
+        self.calls: list[list[Any]] = []
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self._lock = threading.Lock()
+        self._entered = threading.Condition(self._lock)
+
+    def __call__(self, batch: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            self.calls.append(list(batch))
+            self._entered.notify_all()
+        assert self.gate.wait(WAIT_S), "the test never released the gate"
+        return [self.fn(x) for x in batch]
+
+    def wait_calls(self, n: int) -> None:
+        with self._lock:
+            assert self._entered.wait_for(lambda: len(self.calls) >= n, timeout=WAIT_S)
+
+    def seen(self) -> list[Any]:
+        with self._lock:
+            return [x for call in self.calls for x in call]
+
+
+def wait_until(predicate: Callable[[], bool]) -> None:
+    """Wait (in a test only) until ``predicate()`` holds."""
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+def batcher_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("servekit-batcher")]
+
+
+def start_blocker(pool: ThreadPoolExecutor, b: Batcher[Any, Any], model: Recorder) -> Future[Any]:
+    """Occupy the only slot with one item held at the model's gate."""
+    before = len(model.calls)
+    future = pool.submit(b.submit, "blocker")
+    model.wait_calls(before + 1)
+    return future
+
+
+# -- batch formation ----------------------------------------------------------------
+
+
+def test_concurrent_callers_are_batched_and_each_gets_its_own_answer() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model, max_batch_size=32) as b, ThreadPoolExecutor(10) as pool:
+        futures = [pool.submit(b.submit, i) for i in range(10)]
+        model.wait_calls(1)
+        wait_until(lambda: b.statistics().queue_depth == 10 - len(model.calls[0]))
+        model.gate.set()
+        assert [f.result(WAIT_S) for f in futures] == [2 * i for i in range(10)]
+    assert max(len(call) for call in model.calls) > 1
+    assert sorted(model.seen()) == list(range(10))
+    stats = b.statistics()
+    assert stats.items == 10 and stats.succeeded == 10 and stats.mean_batch_size > 1
+
+
+def test_lone_caller_is_dispatched_at_once_without_waiting_out_max_wait() -> None:
+    with Batcher(Recorder(), max_wait_s=10.0) as b:
+        started = time.monotonic()
+        assert b.submit(21) == 42
+        assert time.monotonic() - started < 1.0
+
+
+def test_max_batch_size_is_respected() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model, max_batch_size=4) as b, ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(b.submit, i) for i in range(20)]
+        model.wait_calls(1)
+        wait_until(lambda: b.statistics().queue_depth == 20 - len(model.calls[0]))
+        model.gate.set()
+        assert [f.result(WAIT_S) for f in futures] == [2 * i for i in range(20)]
+    assert all(1 <= len(call) <= 4 for call in model.calls)
+    assert sorted(model.seen()) == list(range(20))
+
+
+def test_wait_for_full_sends_nothing_until_the_batch_is_full() -> None:
+    model = Recorder()
+    b = Batcher(model, max_batch_size=4, max_wait_s=WAIT_S, wait_for_full=True)
+    with b, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(b.submit, i) for i in range(4)]
+        assert sorted(f.result(WAIT_S) for f in futures) == [0, 2, 4, 6]
+    assert len(model.calls) == 1 and sorted(model.calls[0]) == [0, 1, 2, 3]
+
+
+def test_wait_for_full_sends_a_partial_batch_after_max_wait() -> None:
+    model = Recorder()
+    with Batcher(model, max_batch_size=100, max_wait_s=0.05, wait_for_full=True) as b:
+        started = time.monotonic()
+        assert b.submit(1) == 2
+        assert time.monotonic() - started < 0.05 + SLACK_S
+    assert model.calls == [[1]]
+
+
+def test_concurrent_batches_run_at_the_same_time() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model, max_concurrent_batches=2) as b, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(b.submit, 1)
+        model.wait_calls(1)
+        second = pool.submit(b.submit, 2)
+        model.wait_calls(2)
+        assert b.statistics().running_batches == 2
+        model.gate.set()
+        assert (first.result(WAIT_S), second.result(WAIT_S)) == (2, 4)
+    assert batcher_threads() == []
+
+
+def test_async_function_is_batched() -> None:
+    async def adouble(xs: list[int]) -> list[int]:
+        await anyio.sleep(0)
+        return [2 * x for x in xs]
+
+    with Batcher(adouble) as b:
+        assert b.submit(4) == 8
+
+
+@pytest.mark.anyio
+async def test_asubmit_many_concurrent_tasks_each_get_their_own_answer() -> None:
+    model = Recorder()
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await b.asubmit(i)
+
+    async with Batcher(model, max_batch_size=8) as b, anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(one, i)
+    assert results == {i: 2 * i for i in range(50)}
+    assert all(len(call) <= 8 for call in model.calls)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def test_bq01_one_poisoned_item_fails_only_its_caller() -> None:
+    def fail_on_13(x: int) -> int:
+        if x == 13:
+            raise ValueError("poisoned")
+        return x * 2
+
+    # The blocker holds the only slot while the 32 items gather in the queue.
+    model = Recorder(fail_on_13, gated=True)
+    with Batcher(model, max_batch_size=32) as b, ThreadPoolExecutor(33) as pool:
+        blocker = pool.submit(b.submit, 1000)
+        model.wait_calls(1)
+        futures = [pool.submit(b.submit, i) for i in range(32)]
+        wait_until(lambda: b.statistics().queue_depth == 32)
+        model.gate.set()
+        assert blocker.result(WAIT_S) == 2000
+        errors = [f.exception(WAIT_S) for f in futures]
+    failed = [i for i, e in enumerate(errors) if e is not None]
+    assert failed == [13]
+    assert isinstance(errors[13], sk.ModelError)
+    assert isinstance(errors[13].__cause__, ValueError)
+    assert [f.result() for i, f in enumerate(futures) if i != 13] == [
+        2 * i for i in range(32) if i != 13
+    ]
+    calls_with_the_32 = [call for call in model.calls if 1000 not in call]
+    assert len(calls_with_the_32[0]) == 32
+    assert len(calls_with_the_32) <= 11
+    assert b.statistics().failed == 1
+
+
+def test_an_exception_returned_in_place_fails_only_that_item() -> None:
+    def fn(xs: list[int]) -> list[Any]:
+        return [KeyError(x) if x == 2 else x for x in xs]
+
+    with Batcher(fn) as b:
+        assert b.submit(1) == 1
+        with pytest.raises(sk.ModelError):
+            b.submit(2)
+
+
+# -- backpressure ---------------------------------------------------------------------
+
+
+def test_bq04_full_queue_raises_overloaded_at_once() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model, max_queue=3) as b, ThreadPoolExecutor(4) as pool:
+        blocker = start_blocker(pool, b, model)
+        queued = [pool.submit(b.submit, i) for i in range(3)]
+        wait_until(lambda: b.statistics().queue_depth == 3)
+        started = time.monotonic()
+        with pytest.raises(sk.Overloaded) as info:
+            b.submit(99)
+        assert time.monotonic() - started < SLACK_S
+        assert info.value.retry_after_s > 0
+        assert b.statistics().rejected == 1
+        model.gate.set()
+        assert blocker.result(WAIT_S) == "blockerblocker"
+        assert [f.result(WAIT_S) for f in queued] == [0, 2, 4]
+    assert 99 not in model.seen()
+
+
+def test_default_queue_is_bounded() -> None:
+    assert Batcher(Recorder()).max_queue == 1024
+    with pytest.raises(ValueError, match="max_queue"):
+        Batcher(Recorder(), max_queue=0)
+
+
+# -- deadlines ------------------------------------------------------------------------
+
+
+def test_bq06_deadline_while_queued_never_reaches_the_model() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model) as b, ThreadPoolExecutor(1) as pool:
+        blocker = start_blocker(pool, b, model)
+        started = time.monotonic()
+        with pytest.raises(sk.DeadlineExceeded):
+            b.submit("late", timeout_s=0.1)
+        assert time.monotonic() - started < 0.1 + SLACK_S
+        stats = b.statistics()
+        assert stats.queue_depth == 0 and stats.expired == 1
+        model.gate.set()
+        blocker.result(WAIT_S)
+        assert b.submit("after") == "afterafter"
+    assert "late" not in model.seen()
+
+
+@pytest.mark.anyio
+async def test_bq06_async_deadline_while_queued_never_reaches_the_model() -> None:
+    model = Recorder(gated=True)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher(model) as b:
+            blocker = start_blocker(pool, b, model)
+            started = time.monotonic()
+            with pytest.raises(sk.DeadlineExceeded):
+                await b.asubmit("late", timeout_s=0.1)
+            assert time.monotonic() - started < 0.1 + SLACK_S
+            assert b.statistics().queue_depth == 0
+            model.gate.set()
+            blocker.result(WAIT_S)
+    assert "late" not in model.seen()
+
+
+def test_item_expired_in_the_queue_is_failed_at_batch_formation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A caller whose own timer has not fired yet (a slow thread): the worker must still
+    # fail the expired item instead of sending it, and wake its caller.
+    class LateWaiter(_batcher.SyncWaiter):
+        def wait(self, timeout_s: float | None) -> bool:
+            return super().wait(None)
+
+    model = Recorder(gated=True)
+    with Batcher(model) as b, ThreadPoolExecutor(2) as pool:
+        blocker = start_blocker(pool, b, model)
+        monkeypatch.setattr(_batcher, "SyncWaiter", LateWaiter)
+        late = pool.submit(b.submit, "late", timeout_s=0.01)
+        wait_until(lambda: b.statistics().queue_depth == 1)
+        time.sleep(0.02)  # past the late item's deadline
+        model.gate.set()
+        assert isinstance(late.exception(WAIT_S), sk.DeadlineExceeded)
+        blocker.result(WAIT_S)
+    assert "late" not in model.seen()
+    assert b.statistics().expired == 1
+
+
+def test_a_batch_function_raising_systemexit_fails_its_batch_only() -> None:
+    def fn(xs: list[int]) -> list[int]:
+        if 0 in xs:
+            raise SystemExit(3)
+        return xs
+
+    with Batcher(fn) as b:
+        with pytest.raises(sk.ModelError):
+            b.submit(0)
+        assert b.submit(1) == 1
+
+
+def test_deadline_while_running_drops_the_result() -> None:
+    model = Recorder(gated=True)
+    with Batcher(model) as b:
+        started = time.monotonic()
+        with pytest.raises(sk.DeadlineExceeded):
+            b.submit("slow", timeout_s=0.1)
+        assert time.monotonic() - started < 0.1 + SLACK_S
+        model.gate.set()
+    stats = b.statistics()
+    assert stats.expired == 1 and stats.succeeded == 0 and stats.batches == 1
+
+
+def test_zero_timeout_fails_at_once_without_queueing() -> None:
+    model = Recorder()
+    with Batcher(model) as b, pytest.raises(sk.DeadlineExceeded):
+        b.submit(1, timeout_s=0)
+    assert model.calls == []
+
+
+# -- cancellation ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_bq09_cancelled_async_caller_never_reaches_the_model() -> None:
+    model = Recorder(gated=True)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher(model) as b:
+            blocker = start_blocker(pool, b, model)
+            with anyio.move_on_after(0.05) as scope:
+                await b.asubmit("victim")
+            assert scope.cancelled_caught
+            stats = b.statistics()
+            assert stats.queue_depth == 0 and stats.cancelled == 1
+            model.gate.set()
+            blocker.result(WAIT_S)
+            assert await b.asubmit("after") == "afterafter"
+    assert "victim" not in model.seen()
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_running_drops_the_result() -> None:
+    model = Recorder(gated=True)
+    async with Batcher(model) as b:
+        with anyio.move_on_after(0.05):
+            await b.asubmit("x")
+        model.gate.set()
+    stats = b.statistics()
+    assert stats.cancelled == 1 and stats.succeeded == 0 and model.calls == [["x"]]
+
+
+# -- close ----------------------------------------------------------------------------
+
+
+def test_close_drains_the_queue_then_refuses_with_closed() -> None:
+    model = Recorder(gated=True)
+    b = Batcher(model)
+    b.start()
+    with ThreadPoolExecutor(7) as pool:
+        blocker = start_blocker(pool, b, model)
+        queued = [pool.submit(b.submit, i) for i in range(5)]
+        wait_until(lambda: b.statistics().queue_depth == 5)
+        closer = pool.submit(b.close, WAIT_S)
+        wait_until(lambda: "closing" in repr(b))
+        with pytest.raises(sk.Closed):
+            b.submit(99)
+        model.gate.set()
+        closer.result(WAIT_S)
+        assert blocker.result(WAIT_S) == "blockerblocker"
+        assert [f.result(WAIT_S) for f in queued] == [0, 2, 4, 6, 8]
+    with pytest.raises(sk.Closed):
+        b.submit(1)
+    assert batcher_threads() == []
+
+
+def test_close_fails_what_is_left_after_the_grace_with_closed() -> None:
+    model = Recorder(gated=True)
+    b = Batcher(model)
+    with ThreadPoolExecutor(5) as pool:
+        blocker = start_blocker(pool, b, model)
+        queued = [pool.submit(b.submit, i) for i in range(3)]
+        wait_until(lambda: b.statistics().queue_depth == 3)
+        closer = pool.submit(b.close, 0.05)
+        for future in queued:
+            assert isinstance(future.exception(WAIT_S), sk.Closed)
+        model.gate.set()  # the running batch cannot be interrupted: close waits for it
+        closer.result(WAIT_S)
+        assert blocker.result(WAIT_S) == "blockerblocker"
+    assert b.statistics().closed == 3
+    assert not any(isinstance(x, int) for x in model.seen())
+    assert batcher_threads() == []
+
+
+def test_close_is_idempotent_and_works_before_start() -> None:
+    b = Batcher(Recorder())
+    b.close()
+    b.close()
+    with pytest.raises(sk.Closed):
+        b.submit(1)
+    b = Batcher(Recorder())
+    assert b.submit(1) == 2  # starts on first use
+    b.close()
+    b.close()
+    assert batcher_threads() == []
+
+
+@pytest.mark.anyio
+async def test_async_with_closes_and_joins_threads() -> None:
+    async with Batcher(Recorder(), max_concurrent_batches=3) as b:
+        assert await b.asubmit(3) == 6
+        assert len(batcher_threads()) == 3
+    assert batcher_threads() == []
+    with pytest.raises(sk.Closed):
+        await b.asubmit(1)
+
+
+def test_a_batcher_without_a_function_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match="no function"):
+        Batcher().submit(1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_batch_size": 0}, {"max_wait_s": -1.0}, {"max_concurrent_batches": 0}],
+)
+def test_invalid_settings_are_rejected(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Batcher(Recorder(), **kwargs)
+
+
+# -- property -------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    items=st.lists(st.integers(), max_size=200),
+    concurrent=st.integers(min_value=1, max_value=3),
+)
+def test_every_caller_gets_exactly_its_own_input_back(items: list[int], concurrent: int) -> None:
+    calls: list[int] = []
+
+    def identity(xs: list[int]) -> list[int]:
+        calls.append(len(xs))
+        return list(xs)
+
+    b = Batcher(identity, max_batch_size=8, max_concurrent_batches=concurrent)
+    with b, ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(b.submit, items)) == items
+    assert all(n <= 8 for n in calls) and sum(calls) == len(items)
