@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import servekit as sk
+import servekit.testing
 from servekit import _batcher
 from servekit._batcher import Batcher
 
@@ -448,3 +449,143 @@ def test_every_caller_gets_exactly_its_own_input_back(items: list[int], concurre
     with b, ThreadPoolExecutor(32) as pool:
         assert list(pool.map(b.submit, items)) == items
     assert all(n <= 8 for n in calls) and sum(calls) == len(items)
+
+
+# -- cost, groups, priorities, and the Predictor behind it -----------------------------
+
+
+def _held(max_batch_size: int = 32, **kwargs: Any) -> tuple[Any, threading.Event, list[list[Any]]]:
+    """A batcher whose function blocks on an event, and the log of batches it saw."""
+    release = threading.Event()
+    calls: list[list[Any]] = []
+
+    def fn(batch: list[Any]) -> list[Any]:
+        calls.append(list(batch))
+        release.wait()
+        return list(batch)
+
+    return sk.Batcher(fn, max_batch_size=max_batch_size, **kwargs), release, calls
+
+
+def _wait_running(batcher: Any) -> None:
+    deadline = time.monotonic() + 5
+    while batcher.statistics().running_batches == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def _wait_depth(batcher: Any, depth: int) -> None:
+    deadline = time.monotonic() + 5
+    while batcher.statistics().queue_depth < depth:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_bq13_priorities_are_strict_and_fifo_within_a_level() -> None:
+    batcher, release, calls = _held(max_batch_size=1)
+    with batcher, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher.submit, "blocker")
+        _wait_running(batcher)
+        futures = []
+        for name, priority in [("a2", 2), ("b2", 2), ("c1", 1), ("d3", 3), ("e1", 1)]:
+            futures.append(pool.submit(batcher.submit, name, priority=priority))
+            _wait_depth(batcher, len(futures))
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == ["a2", "b2", "c1", "d3", "e1"]
+        assert first.result(timeout=5) == "blocker"
+    assert [c[0] for c in calls] == ["blocker", "c1", "e1", "a2", "b2", "d3"]
+
+
+def test_a_low_priority_item_is_served_within_the_starvation_bound() -> None:
+    seen: list[str] = []
+    gate = threading.Event()
+
+    def fn(batch: list[str]) -> list[str]:
+        gate.wait()
+        seen.extend(batch)
+        return batch
+
+    batcher = sk.Batcher(fn, max_batch_size=1, starvation_bound=3)
+    with batcher, ThreadPoolExecutor(16) as pool:
+        blocker = pool.submit(batcher.submit, "blocker")
+        _wait_running(batcher)
+        low = pool.submit(batcher.submit, "low", priority=9)
+        _wait_depth(batcher, 1)
+        highs = [pool.submit(batcher.submit, f"h{i}", priority=0) for i in range(10)]
+        _wait_depth(batcher, 11)
+        gate.set()
+        assert low.result(timeout=5) == "low"
+        assert blocker.result(timeout=5) == "blocker"
+        for f in highs:
+            f.result(timeout=5)
+    # blocker, then at most starvation_bound high-priority batches before "low".
+    assert seen.index("low") <= 1 + 3 + 1
+
+
+def test_items_share_a_batch_only_with_their_group() -> None:
+    batcher, release, calls = _held(group_key=lambda x: x[0])
+    with batcher, ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(batcher.submit, ("z", 0))
+        _wait_running(batcher)
+        items = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+        futures = [pool.submit(batcher.submit, item) for item in items]
+        _wait_depth(batcher, len(items))
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == items
+        blocker.result(timeout=5)
+    assert calls[1:] == [[("a", 1), ("a", 2), ("a", 3)], [("b", 1), ("b", 2)]]
+
+
+def test_size_fn_bounds_batches_by_cost_and_refuses_an_item_over_budget() -> None:
+    batcher, release, calls = _held(max_batch_size=10, size_fn=len)
+    with batcher, ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(batcher.submit, "x")
+        _wait_running(batcher)
+        words = ["aaaa", "bbbb", "cccc", "dd", "eeeeee"]
+        futures = [pool.submit(batcher.submit, w) for w in words]
+        _wait_depth(batcher, len(words))
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == words
+        blocker.result(timeout=5)
+        with pytest.raises(sk.InvalidInput, match="budget"):
+            batcher.submit("k" * 11)
+    assert all(sum(map(len, c)) <= 10 for c in calls)
+    assert calls[1:] == [["aaaa", "bbbb"], ["cccc", "dd"], ["eeeeee"]]
+
+
+def test_bq12_a_lone_item_waits_at_most_max_wait_for_company() -> None:
+    with sk.Batcher(lambda b: b, max_wait_s=0.01, wait_for_full=True) as batcher:
+        started = time.monotonic()
+        assert batcher.submit(1) == 1
+        assert time.monotonic() - started < 0.01 + 0.5  # generous: the machine is shared
+
+
+@pytest.mark.parametrize("backend", [sk.Inline, lambda: sk.Threads(2)])
+def test_predictor_with_a_batcher_batches_concurrent_callers(backend: Any) -> None:
+    model = sk.testing.Slow(0.02)
+    with sk.Predictor(model, backend=backend(), batcher=sk.Batcher(max_batch_size=8)) as p:
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(p.predict, range(64))) == list(range(64))
+        assert p.batcher is not None
+        stats = p.batcher.statistics()
+        assert stats.items == 64 and stats.mean_batch_size > 1
+        assert max(len(c) for c in model.calls) <= 8
+        assert p.statistics().succeeded == 64
+
+
+def test_predictor_batcher_slots_follow_the_back_end() -> None:
+    batcher = sk.Batcher()
+    with sk.Predictor(lambda b: b, backend=sk.Threads(3), batcher=batcher):
+        assert batcher.max_concurrent_batches == 3
+    with pytest.raises(ValueError, match="already batches"):
+        sk.Predictor(lambda b: b, batcher=batcher)
+
+
+@pytest.mark.anyio
+async def test_predictor_with_a_batcher_on_both_loops() -> None:
+    model = sk.testing.FailOn({5}, mode="raise")
+    async with sk.Predictor(model, batcher=sk.Batcher(max_batch_size=16)) as p:
+        out = await p.apredict_many(range(10), return_exceptions=True)
+        assert out[:5] == [0, 1, 2, 3, 4] and out[6:] == [6, 7, 8, 9]
+        assert isinstance(out[5], sk.ModelError)
+        assert await p.apredict(3, priority=1) == 3

@@ -7,6 +7,8 @@ loops, with typed errors. The guides are in docs/.
 
 import logging as _logging
 
+from ._batcher import Batcher as Batcher
+from ._batcher import BatcherStatistics as BatcherStatistics
 from ._model import FunctionModel as FunctionModel
 from ._model import Model as Model
 from ._model import model as model
@@ -42,6 +44,8 @@ __all__ = sorted(
         "Array",
         "Backend",
         "BatchContractError",
+        "Batcher",
+        "BatcherStatistics",
         "Cancelled",
         "Closed",
         "DeadlineExceeded",

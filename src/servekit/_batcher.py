@@ -25,7 +25,8 @@ takes its item out of the queue itself when it gives up. With ``max_concurrent_b
 
 Invariants (all under ``self._lock``):
 
-* a record is in ``self._queue`` iff ``record.queued``;
+* a record is in ``self._levels[record.priority]`` iff ``record.queued``, and ``_depth``
+  and ``_cost`` count exactly the queued records;
 * ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
   settles a record wakes its caller, unless the caller settled it itself (it gave up);
 * an item whose record is settled before its batch is formed never reaches the function.
@@ -34,19 +35,20 @@ Invariants (all under ``self._lock``):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import inspect
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._outcome import Failure, arun_batch, run_batch, to_model_error
-from ._waker import SyncWaiter, Waiter, make_async_waiter
-from .errors import Cancelled, Closed, DeadlineExceeded, Overloaded
+from ._waker import SyncWaiter, Waiter, make_async_waiter, wake_all
+from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 
 __all__ = ["Batcher", "BatcherStatistics"]
 
@@ -111,7 +113,11 @@ class _Pending:
     deadline: float | None  # monotonic seconds; None = no deadline
     enqueued: float  # monotonic seconds, for max_wait_s
     waiter: Waiter  # wakes the caller's thread or event loop
-    queued: bool = True  # True while in Batcher._queue
+    priority: int = 0  # lower is served first
+    key: Hashable = None  # only items with equal keys share a batch
+    size: int = 1  # cost against max_batch_size (size_fn), 1 when counting items
+    seq: int = 0  # batches formed before this item arrived, for the starvation bound
+    queued: bool = True  # True while in its priority level's queue
     settled: bool = False  # set once, with outcome, under the Batcher's lock
     outcome: Any = None  # the output, or a Failure
 
@@ -136,6 +142,15 @@ class Batcher(Generic[In, Out]):
       or the oldest queued item has waited ``max_wait_s``, whichever comes first. Use it
       when a fuller batch is worth the latency (a GPU). With ``max_wait_s=0`` it is the
       same as the default.
+
+    **Cost, groups and priorities.** With ``size_fn`` a batch is bounded by cost rather
+    than count: ``max_batch_size`` is then a budget in ``size_fn`` units (tokens, rows),
+    and an item whose own cost exceeds it is refused with
+    :class:`~servekit.InvalidInput`. With ``group_key`` only items with equal keys share
+    a batch (per-request parameters, a shape bucket, a model version); the batch takes
+    the key of the oldest item of the level it serves. ``submit(x, priority=p)``: lower
+    values are served first, FIFO within a level; a level whose oldest item has been
+    passed over for ``starvation_bound`` batches is served next, so nothing starves.
 
     **Deadlines.** ``submit(x, timeout_s=...)``: when the timeout passes the caller gets
     :class:`~servekit.DeadlineExceeded` on time. A queued item is taken out of the queue
@@ -169,7 +184,10 @@ class Batcher(Generic[In, Out]):
         max_wait_s: float = 0.002,
         wait_for_full: bool = False,
         max_queue: int = 1024,
-        max_concurrent_batches: int = 1,
+        max_concurrent_batches: int | None = None,
+        size_fn: Callable[[Any], int] | None = None,
+        group_key: Callable[[Any], Hashable] | None = None,
+        starvation_bound: int = 8,
         name: str | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -180,10 +198,12 @@ class Batcher(Generic[In, Out]):
             raise ValueError(
                 f"max_queue must be at least 1, not {max_queue}; the queue is always bounded"
             )
-        if max_concurrent_batches < 1:
+        if max_concurrent_batches is not None and max_concurrent_batches < 1:
             raise ValueError(
                 f"max_concurrent_batches must be at least 1, not {max_concurrent_batches}"
             )
+        if starvation_bound < 1:
+            raise ValueError(f"starvation_bound must be at least 1, not {starvation_bound}")
         self._fn = fn
         #: Most items in one batch.
         self.max_batch_size: int = max_batch_size
@@ -193,8 +213,18 @@ class Batcher(Generic[In, Out]):
         self.wait_for_full: bool = wait_for_full
         #: Most items waiting in the queue.
         self.max_queue: int = max_queue
-        #: Number of batch slots (worker threads).
-        self.max_concurrent_batches: int = max_concurrent_batches
+        #: Number of batch slots (worker threads); with a Predictor, default one per worker
+        #: of its back end, else 1.
+        self.max_concurrent_batches: int = max_concurrent_batches or 1
+        self._slots_given = max_concurrent_batches is not None
+        #: The cost of one item against ``max_batch_size`` (None: each item costs 1).
+        self.size_fn = size_fn
+        #: Items share a batch only with items of equal ``group_key(item)`` (None: all do).
+        self.group_key = group_key
+        #: Batches a waiting priority level may be passed over before it is served.
+        self.starvation_bound: int = starvation_bound
+        # True when fn returns outcomes already isolated per item (a Predictor's back end).
+        self._fn_isolates = False
         #: The name used in thread names and messages.
         self.name: str = name or f"{getattr(fn, '__name__', 'batcher')}-{next(_names)}"
         self._lock = threading.Lock()
@@ -202,7 +232,12 @@ class Batcher(Generic[In, Out]):
         self._ready = threading.Condition(self._lock)
         # close() waits here for the queue to empty.
         self._drained = threading.Condition(self._lock)
-        self._queue: deque[_Pending] = deque()
+        # One FIFO per priority level; _priorities lists the levels in serving order.
+        self._levels: dict[int, deque[_Pending]] = {}
+        self._priorities: list[int] = []
+        self._depth = 0  # items queued over all levels
+        self._cost = 0  # their total size
+        self._formed = 0  # batches formed so far (the clock of the starvation bound)
         self._state = _NEW
         self._threads: list[threading.Thread] = []
         self._closed_event = threading.Event()  # set when close() has finished
@@ -275,9 +310,11 @@ class Batcher(Generic[In, Out]):
                 first = True
                 self._state = _CLOSING
                 self._ready.notify_all()  # workers waiting for a full batch send it now
-                self._drained.wait_for(lambda: not self._queue, timeout=grace_s)
-                leftover = list(self._queue)
-                self._queue.clear()
+                self._drained.wait_for(lambda: not self._depth, timeout=grace_s)
+                leftover = [record for level in self._levels.values() for record in level]
+                for level in self._levels.values():
+                    level.clear()
+                self._depth = self._cost = 0
                 error = Closed(
                     f"batcher {self.name!r} closed before this item was sent "
                     f"(grace_s={grace_s} ran out); retry on a new Batcher"
@@ -293,8 +330,7 @@ class Batcher(Generic[In, Out]):
             self._closed_event.wait()
             return
         try:
-            for record in leftover:
-                record.waiter.wake()
+            wake_all([record.waiter for record in leftover])
             for thread in self._threads:
                 thread.join()
         finally:
@@ -334,7 +370,7 @@ class Batcher(Generic[In, Out]):
 
     # -- submitting --------------------------------------------------------------------
 
-    def submit(self, x: In, *, timeout_s: float | None = None) -> Out:
+    def submit(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Return ``fn``'s output for one input ``x``, batched with concurrent callers.
 
         Blocks the calling thread. Raises :class:`~servekit.Overloaded` (queue full, at
@@ -342,21 +378,83 @@ class Batcher(Generic[In, Out]):
         ``timeout_s`` passes first, or :class:`~servekit.ModelError` when ``fn`` failed for
         this item.
         """
-        waiter = SyncWaiter()
-        record = self._enqueue(x, timeout_s, waiter)
-        if not waiter.wait(timeout_s):
-            self._give_up(record, _deadline_error(timeout_s), expired=True)
-        result: Out = _unwrap(record.outcome)
+        result: Out = _unwrap(self._outcome(x, timeout_s, priority))
         return result
 
-    async def asubmit(self, x: In, *, timeout_s: float | None = None) -> Out:
+    def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
+        """Submit one item and wait: its output, or a Failure (never raises for the item)."""
+        waiter = SyncWaiter()
+        record = self._enqueue(x, timeout_s, waiter, priority)
+        if not waiter.wait(timeout_s):
+            self._give_up(record, _deadline_error(timeout_s), expired=True)
+        return record.outcome
+
+    def _outcomes(self, xs: Iterable[Any], timeout_s: float | None, priority: int) -> list[Any]:
+        """Submit many items at once, then wait for all: one outcome per item, in order.
+
+        An item refused at submission (queue full, closed) gets its error as its outcome.
+        """
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        records: list[_Pending | Failure] = []
+        for x in xs:
+            waiter = SyncWaiter()
+            try:
+                records.append(self._enqueue(x, timeout_s, waiter, priority))
+            except (Overloaded, Closed, InvalidInput, DeadlineExceeded) as exc:
+                records.append(Failure(exc))
+        outcomes: list[Any] = []
+        for record in records:
+            if isinstance(record, Failure):
+                outcomes.append(record)
+                continue
+            remaining = None if deadline is None else deadline - _monotonic()
+            assert isinstance(record.waiter, SyncWaiter)
+            if not record.waiter.wait(remaining):
+                self._give_up(record, _deadline_error(timeout_s), expired=True)
+            outcomes.append(record.outcome)
+        return outcomes
+
+    async def asubmit(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Async twin of :meth:`submit` for asyncio and trio.
 
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
+        result: Out = _unwrap(await self._aoutcome(x, timeout_s, priority))
+        return result
+
+    async def _aoutcomes(
+        self, xs: Iterable[Any], timeout_s: float | None, priority: int
+    ) -> list[Any]:
+        """Async twin of :meth:`_outcomes`: submit all, then await each."""
+        deadline = None if timeout_s is None else _monotonic() + timeout_s
+        records: list[_Pending | Failure] = []
+        for x in xs:
+            try:
+                records.append(self._enqueue(x, timeout_s, make_async_waiter(), priority))
+            except (Overloaded, Closed, InvalidInput, DeadlineExceeded) as exc:
+                records.append(Failure(exc))
+        outcomes: list[Any] = []
+        try:
+            for record in records:
+                if isinstance(record, Failure):
+                    outcomes.append(record)
+                    continue
+                remaining = None if deadline is None else deadline - _monotonic()
+                if not await record.waiter.wait(remaining):  # type: ignore[attr-defined]
+                    self._give_up(record, _deadline_error(timeout_s), expired=True)
+                outcomes.append(record.outcome)
+        except BaseException:
+            for record in records:
+                if isinstance(record, _Pending):
+                    self._give_up(record, Cancelled("the caller was cancelled"))
+            raise
+        return outcomes
+
+    async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
+        """Async twin of :meth:`_outcome`."""
         waiter = make_async_waiter()
-        record = self._enqueue(x, timeout_s, waiter)
+        record = self._enqueue(x, timeout_s, waiter, priority)
         try:
             woken = await waiter.wait(timeout_s)
         except BaseException:
@@ -364,20 +462,31 @@ class Batcher(Generic[In, Out]):
             raise
         if not woken:
             self._give_up(record, _deadline_error(timeout_s), expired=True)
-        result: Out = _unwrap(record.outcome)
-        return result
+        return record.outcome
 
-    def _enqueue(self, x: Any, timeout_s: float | None, waiter: Waiter) -> _Pending:
+    def _enqueue(
+        self, x: Any, timeout_s: float | None, waiter: Waiter, priority: int = 0
+    ) -> _Pending:
+        size = 1
+        if self.size_fn is not None:
+            size = int(self.size_fn(x))
+            if size > self.max_batch_size:
+                raise InvalidInput(
+                    f"this item's size is {size}, more than the batch budget "
+                    f"max_batch_size={self.max_batch_size}; split it into smaller requests"
+                )
+        key = None if self.group_key is None else self.group_key(x)
         now = _monotonic()
-        record = _Pending(x, None if timeout_s is None else now + timeout_s, now, waiter)
+        deadline = None if timeout_s is None else now + timeout_s
+        record = _Pending(x, deadline, now, waiter, priority, key, size)
         with self._lock:
             if self._state != _OPEN:
                 self._start_locked()  # raises Closed once close() has been called
-            if len(self._queue) >= self.max_queue:
+            if self._depth >= self.max_queue:
                 self._rejected += 1
                 retry_after_s = self._retry_after_locked()
                 raise Overloaded(
-                    f"batcher {self.name!r} has {len(self._queue)} items queued "
+                    f"batcher {self.name!r} has {self._depth} items queued "
                     f"(max_queue={self.max_queue}); retry after {retry_after_s:.3f} s, or add "
                     "capacity (max_concurrent_batches, max_batch_size)",
                     retry_after_s=retry_after_s,
@@ -385,9 +494,30 @@ class Batcher(Generic[In, Out]):
             if timeout_s is not None and timeout_s <= 0:
                 self._expired += 1
                 raise _deadline_error(timeout_s)
-            self._queue.append(record)
+            level = self._levels.get(priority)
+            if level is None:
+                level = self._levels[priority] = deque()
+                bisect.insort(self._priorities, priority)
+            record.seq = self._formed
+            level.append(record)
+            self._depth += 1
+            self._cost += size
             self._ready.notify()
         return record
+
+    def _attach(self, fn: Callable[[list[Any]], list[Any]], slots: int) -> None:
+        """Make this Batcher feed a Predictor: ``fn`` runs a batch on its back end and
+        returns per-item outcomes; one slot per back-end worker unless set explicitly."""
+        with self._lock:
+            if self._fn is not None or self._state != _NEW:
+                raise ValueError(
+                    f"batcher {self.name!r} already batches a function; give each Predictor "
+                    "a Batcher of its own"
+                )
+            self._fn = fn
+            self._fn_isolates = True
+            if not self._slots_given:
+                self.max_concurrent_batches = slots
 
     def _retry_after_locked(self) -> float:
         # The queue frees max_batch_size places each time a slot takes a batch, which
@@ -413,8 +543,10 @@ class Batcher(Generic[In, Out]):
                 self._cancelled += 1
             if record.queued:
                 record.queued = False
-                self._queue.remove(record)  # O(queue), bounded by max_queue
-                if not self._queue and self._state == _CLOSING:
+                self._levels[record.priority].remove(record)  # O(queue), bounded by max_queue
+                self._depth -= 1
+                self._cost -= record.size
+                if not self._depth and self._state == _CLOSING:
                     self._drained.notify_all()
 
     # -- the workers -----------------------------------------------------------------
@@ -431,8 +563,8 @@ class Batcher(Generic[In, Out]):
                     batch, expired = taken
                     if batch:
                         self._running += 1
-                for record in expired:
-                    record.waiter.wake()
+                if expired:
+                    wake_all([record.waiter for record in expired])
                 if batch:
                     self._run(fn, loop, batch)
         finally:
@@ -445,11 +577,11 @@ class Batcher(Generic[In, Out]):
         None when the worker should exit. Called with the lock held; waits on the
         condition, never polls.
         """
-        queue = self._queue
         while True:
-            if queue:
-                if self.wait_for_full and self._state == _OPEN and len(queue) < self.max_batch_size:
-                    remaining = queue[0].enqueued + self.max_wait_s - _monotonic()
+            if self._depth:
+                if self.wait_for_full and self._state == _OPEN and self._cost < self.max_batch_size:
+                    oldest = min(level[0].enqueued for level in self._levels.values() if level)
+                    remaining = oldest + self.max_wait_s - _monotonic()
                     if remaining > 0:
                         self._ready.wait(remaining)
                         continue
@@ -458,24 +590,53 @@ class Batcher(Generic[In, Out]):
                 return None
             self._ready.wait()
 
+    def _pick_level_locked(self) -> deque[_Pending]:
+        """The level to serve: the first non-empty one, unless a lower one starves."""
+        self._formed += 1
+        first: deque[_Pending] | None = None
+        for priority in self._priorities:
+            level = self._levels[priority]
+            if not level:
+                continue
+            if first is None:
+                first = level
+            elif self._formed - level[0].seq > self.starvation_bound:
+                return level  # passed over for too many batches: its turn now
+        assert first is not None  # called only when something is queued
+        return first
+
     def _form_locked(self) -> tuple[list[_Pending], list[_Pending]]:
-        queue = self._queue
+        queue = self._pick_level_locked()
+        key = queue[0].key
         batch: list[_Pending] = []
         expired: list[_Pending] = []
+        skipped: list[_Pending] = []  # other groups' items, put back in order
         now = _monotonic()
-        while queue and len(batch) < self.max_batch_size:
-            record = queue.popleft()
-            record.queued = False
-            # Given-up records leave the queue at once (_give_up), so every record here is
-            # unsettled; one whose deadline has passed is failed instead of being sent.
+        budget = self.max_batch_size
+        while queue and budget > 0:
+            record = queue[0]
             if record.deadline is not None and now >= record.deadline:
+                # Given-up records leave the queue at once (_give_up), so every record
+                # here is unsettled; one whose deadline has passed is failed, not sent.
+                queue.popleft()
                 record.settled = True
                 record.outcome = Failure(_deadline_error(None))
                 expired.append(record)
+            elif record.key != key:
+                skipped.append(queue.popleft())
+                continue
+            elif record.size > budget:
+                break  # the next item does not fit: it heads the next batch
             else:
+                queue.popleft()
                 batch.append(record)
+                budget -= record.size
+            record.queued = False
+            self._depth -= 1
+            self._cost -= record.size
+        queue.extendleft(reversed(skipped))
         self._expired += len(expired)
-        if not queue and self._state == _CLOSING:
+        if not self._depth and self._state == _CLOSING:
             self._drained.notify_all()
         return batch, expired
 
@@ -488,7 +649,9 @@ class Batcher(Generic[In, Out]):
         items = [record.item for record in batch]
         started = _monotonic()
         try:
-            if loop is None:
+            if self._fn_isolates:
+                outcomes = fn(items)  # a Predictor's back end: outcomes already per item
+            elif loop is None:
                 outcomes = run_batch(fn, items)
             else:
                 outcomes = loop.run_until_complete(arun_batch(fn, items))
@@ -518,8 +681,7 @@ class Batcher(Generic[In, Out]):
                 else:
                     self._succeeded += 1
                 woken.append(record)
-        for record in woken:
-            record.waiter.wake()
+        wake_all([record.waiter for record in woken])
 
     # -- accounting ------------------------------------------------------------------
 
@@ -527,7 +689,7 @@ class Batcher(Generic[In, Out]):
         """A consistent snapshot of the counters."""
         with self._lock:
             return BatcherStatistics(
-                queue_depth=len(self._queue),
+                queue_depth=self._depth,
                 running_batches=self._running,
                 batches=self._batches,
                 items=self._items,
@@ -546,7 +708,7 @@ class Batcher(Generic[In, Out]):
         return (
             f"<Batcher {self.name!r} {state}, max_batch_size={self.max_batch_size}, "
             f"max_concurrent_batches={self.max_concurrent_batches}, "
-            f"queued={len(self._queue)}/{self.max_queue}>"
+            f"queued={self._depth}/{self.max_queue}>"
         )
 
 

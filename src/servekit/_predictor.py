@@ -13,13 +13,14 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
+from ._batcher import Batcher
 from ._model import Model, as_model
 from ._outcome import Failure, to_model_error
 from ._signature import Signature
 from ._waker import SyncWaiter, make_async_waiter
 from .backends import Backend, Inline
 from .backends._base import Task
-from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput
+from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 from .metrics import LatencySummary, LatencyWindow
 
 __all__ = ["Predictor", "PredictorState", "PredictorStatistics"]
@@ -127,6 +128,7 @@ class Predictor(Generic[In, Out]):
         model: Model[In, Out] | Any,
         *,
         backend: Backend | None = None,
+        batcher: Batcher[Any, Any] | None = None,
         validate: bool = True,
         name: str | None = None,
         per_item: bool = False,
@@ -142,6 +144,10 @@ class Predictor(Generic[In, Out]):
         self._validate = validate and self.signature.validates
         # The Inline back end is called directly: no task, no hand-off, no waiter.
         self._inline: Inline | None = self._backend if isinstance(self._backend, Inline) else None
+        #: The :class:`~servekit.Batcher` gathering concurrent requests, if any.
+        self.batcher = batcher
+        if batcher is not None:
+            batcher._attach(self._run_batch, self._backend.capacity)
         self._starting = False
         self._state = PredictorState.NEW
         self._lock = threading.Lock()
@@ -190,6 +196,8 @@ class Predictor(Generic[In, Out]):
                 self._changed.wait()
         try:
             self._backend.start(self._model)
+            if self.batcher is not None:
+                self.batcher.start()
         finally:
             with self._lock:
                 self._starting = False
@@ -223,6 +231,8 @@ class Predictor(Generic[In, Out]):
             deadline = _monotonic() + max(grace_s, 0.0)
             self._changed.wait_for(lambda: self._in_flight == 0, timeout=max(grace_s, 0.0))
         try:
+            if self.batcher is not None:
+                self.batcher.close(max(deadline - _monotonic(), 0.0))
             self._backend.close(max(deadline - _monotonic(), 0.0))
         finally:
             with self._lock:
@@ -302,13 +312,14 @@ class Predictor(Generic[In, Out]):
 
     # -- one item ------------------------------------------------------------------
 
-    def predict(self, x: In, *, timeout_s: float | None = None) -> Out:
+    def predict(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Return the model's output for one input ``x``.
 
         Raises :class:`~servekit.InvalidInput` (before queueing),
         :class:`~servekit.ModelError`, :class:`~servekit.DeadlineExceeded` when
         ``timeout_s`` passes first, :class:`~servekit.Overloaded`,
-        :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`.
+        :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`. ``priority``
+        orders queued requests when the predictor has a batcher (lower first).
         """
         if self._validate:
             x = self._checked(x)
@@ -316,7 +327,9 @@ class Predictor(Generic[In, Out]):
         started = _perf_counter()
         outcome: Any = None
         try:
-            if self._inline is not None:
+            if self.batcher is not None:
+                outcome = self.batcher._outcome(x, timeout_s, priority)
+            elif self._inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
                 outcome = self._inline.run([x])[0]
@@ -327,7 +340,7 @@ class Predictor(Generic[In, Out]):
             raise
         return self._settle(outcome, started)
 
-    async def apredict(self, x: In, *, timeout_s: float | None = None) -> Out:
+    async def apredict(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Async twin of :meth:`predict`; cancelling the caller drops its request."""
         if self._validate:
             x = self._checked(x)
@@ -337,7 +350,9 @@ class Predictor(Generic[In, Out]):
         started = _perf_counter()
         outcome: Any = None
         try:
-            if self._inline is not None:
+            if self.batcher is not None:
+                outcome = await self.batcher._aoutcome(x, timeout_s, priority)
+            elif self._inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
                 outcome = (await self._inline.arun([x]))[0]
@@ -363,6 +378,23 @@ class Predictor(Generic[In, Out]):
         self._finish(1, 0, started)
         result: Out = outcome
         return result
+
+    def _run_batch(self, items: list[Any]) -> list[Any]:
+        """The batcher's function: run one formed batch on the back end, wait, return outcomes.
+
+        Runs on a batcher slot thread; the batcher has already dropped cancelled and
+        expired items, so the task carries no check.
+        """
+        if self._inline is not None:
+            return self._inline.run(items)
+        call = _Call(SyncWaiter(), None)
+        try:
+            self._backend.submit(Task(items, call.done))
+        except (Overloaded, Closed) as exc:
+            return [Failure(exc)] * len(items)
+        call.waiter.wait(None)
+        assert call.outcomes is not None
+        return call.outcomes
 
     def _wait_sync(self, items: list[Any], timeout_s: float | None) -> list[Any]:
         deadline = None if timeout_s is None else _monotonic() + timeout_s
@@ -392,13 +424,19 @@ class Predictor(Generic[In, Out]):
     # -- many items ----------------------------------------------------------------
 
     def predict_many(
-        self, xs: Iterable[In], *, timeout_s: float | None = None, return_exceptions: bool = False
+        self,
+        xs: Iterable[In],
+        *,
+        timeout_s: float | None = None,
+        return_exceptions: bool = False,
+        priority: int = 0,
     ) -> list[Any]:
         """Return one output per input, in order.
 
         Every item finishes before anything is raised; then the first failure (in input
         order) is raised, unless ``return_exceptions=True``, which puts each failure's
-        exception in its item's place instead. Without a batcher the items are sent as
+        exception in its item's place instead. With a batcher each item is queued on its
+        own (and batched with other callers' items); without one the items are sent as
         one batch per worker of the back end.
         """
         items = list(xs)
@@ -409,7 +447,9 @@ class Predictor(Generic[In, Out]):
             failed = len(valid)
             try:
                 values = [items[i] for i in valid]
-                if self._inline is not None:
+                if self.batcher is not None:
+                    results = self.batcher._outcomes(values, timeout_s, priority)
+                elif self._inline is not None:
                     results = self._inline.run(values)
                 else:
                     results = self._many_sync(values, timeout_s)
@@ -421,7 +461,12 @@ class Predictor(Generic[In, Out]):
         return _unwrap_many(outcomes, return_exceptions)
 
     async def apredict_many(
-        self, xs: Iterable[In], *, timeout_s: float | None = None, return_exceptions: bool = False
+        self,
+        xs: Iterable[In],
+        *,
+        timeout_s: float | None = None,
+        return_exceptions: bool = False,
+        priority: int = 0,
     ) -> list[Any]:
         """Async twin of :meth:`predict_many`."""
         items = list(xs)
@@ -434,7 +479,9 @@ class Predictor(Generic[In, Out]):
             failed = len(valid)
             try:
                 values = [items[i] for i in valid]
-                if self._inline is not None:
+                if self.batcher is not None:
+                    results = await self.batcher._aoutcomes(values, timeout_s, priority)
+                elif self._inline is not None:
                     results = await self._inline.arun(values)
                 else:
                     results = await self._many_async(values, timeout_s)

@@ -15,7 +15,7 @@ import sys
 from _thread import allocate_lock
 from typing import Any, Protocol
 
-__all__ = ["AsyncWaiter", "SyncWaiter", "Waiter", "make_async_waiter"]
+__all__ = ["AsyncWaiter", "SyncWaiter", "Waiter", "make_async_waiter", "wake_all"]
 
 
 class Waiter(Protocol):
@@ -72,6 +72,19 @@ class _AsyncioWaiter:
         if not self._future.done():
             self._future.set_result(None)
 
+    @staticmethod
+    def _set_all(waiters: list[_AsyncioWaiter]) -> None:
+        for waiter in waiters:
+            waiter._set()
+
+    @staticmethod
+    def wake_group(waiters: list[_AsyncioWaiter]) -> None:
+        """Wake several waiters of one loop with a single thread-safe call."""
+        try:
+            waiters[0]._loop.call_soon_threadsafe(_AsyncioWaiter._set_all, waiters)
+        except RuntimeError:
+            pass
+
     async def wait(self, timeout_s: float | None) -> bool:
         if timeout_s is None:
             await self._future
@@ -97,6 +110,19 @@ class _TrioWaiter:
         except self._trio.RunFinishedError:
             pass  # the caller's run is over: nobody is waiting any more
 
+    @staticmethod
+    def _set_all(waiters: list[_TrioWaiter]) -> None:
+        for waiter in waiters:
+            waiter._event.set()
+
+    @staticmethod
+    def wake_group(waiters: list[_TrioWaiter]) -> None:
+        """Wake several waiters of one trio run with a single thread-safe call."""
+        try:
+            waiters[0]._token.run_sync_soon(_TrioWaiter._set_all, waiters)
+        except waiters[0]._trio.RunFinishedError:
+            pass
+
     async def wait(self, timeout_s: float | None) -> bool:
         if timeout_s is None:
             await self._event.wait()
@@ -104,6 +130,29 @@ class _TrioWaiter:
         with self._trio.move_on_after(max(timeout_s, 0.0)) as scope:
             await self._event.wait()
         return not scope.cancelled_caught
+
+
+def wake_all(waiters: list[Any]) -> None:
+    """Wake every waiter, scheduling one call per event loop rather than one per waiter.
+
+    A finished batch often holds many callers of the same loop; each thread-safe call
+    onto a loop writes to its self-pipe and costs a system call, so one call per loop
+    that wakes all of that loop's callers is much cheaper.
+    """
+    groups: dict[int, list[Any]] = {}
+    for waiter in waiters:
+        kind = type(waiter)
+        if kind is _AsyncioWaiter:
+            groups.setdefault(id(waiter._loop), []).append(waiter)
+        elif kind is _TrioWaiter:
+            groups.setdefault(id(waiter._token), []).append(waiter)
+        else:
+            waiter.wake()
+    for group in groups.values():
+        if len(group) == 1:
+            group[0].wake()
+        else:
+            type(group[0]).wake_group(group)
 
 
 def make_async_waiter() -> AsyncWaiter:

@@ -47,11 +47,20 @@ BACKENDS: dict[str, Callable[[], sk.Backend]] = {
 }
 
 
-@pytest.fixture(scope="module", params=[(b, m) for b in BACKENDS for m in ("sync", "async")])
+PARAMS = [(b, m, False) for b in BACKENDS for m in ("sync", "async")]
+PARAMS += [(b, "sync", True) for b in BACKENDS if b != "threads-per-thread-model"]
+
+
+@pytest.fixture(
+    scope="module",
+    params=PARAMS,
+    ids=[f"{b}-{m}{'-batcher' if batched else ''}" for b, m, batched in PARAMS],
+)
 def predictor(request: pytest.FixtureRequest) -> Iterator[sk.Predictor[Any, Any]]:
-    backend_name, kind = request.param
+    backend_name, kind, batched = request.param
     model = Contract() if kind == "sync" else AsyncContract()
-    with sk.Predictor(model, backend=BACKENDS[backend_name]()) as p:
+    batcher = sk.Batcher(max_batch_size=4) if batched else None
+    with sk.Predictor(model, backend=BACKENDS[backend_name](), batcher=batcher) as p:
         p.kind = backend_name  # type: ignore[attr-defined]
         yield p
 
