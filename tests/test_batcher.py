@@ -589,3 +589,77 @@ async def test_predictor_with_a_batcher_on_both_loops() -> None:
         assert out[:5] == [0, 1, 2, 3, 4] and out[6:] == [6, 7, 8, 9]
         assert isinstance(out[5], sk.ModelError)
         assert await p.apredict(3, priority=1) == 3
+
+
+def test_bq02_wrong_output_count_fails_every_caller_of_the_batch_then_recovers() -> None:
+    short = threading.Event()
+    release = threading.Event()
+
+    def fn(batch: list[int]) -> list[int]:
+        release.wait()
+        return batch[:-1] if short.is_set() and len(batch) > 1 else batch
+
+    with sk.Batcher(fn, max_batch_size=8) as batcher, ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(batcher.submit, -1)
+        _wait_running(batcher)
+        short.set()
+        futures = [pool.submit(batcher.submit, i) for i in range(4)]
+        _wait_depth(batcher, 4)
+        release.set()
+        assert blocker.result(timeout=5) == -1
+        for future in futures:
+            with pytest.raises(sk.BatchContractError, match="3 outputs for a batch of 4"):
+                future.result(timeout=5)
+        short.clear()
+        assert batcher.submit(7) == 7
+
+
+def test_bq08_a_timeout_above_the_maximum_is_cut_to_it() -> None:
+    batcher, release, calls = _held(max_timeout_s=0.05)
+    with batcher, ThreadPoolExecutor(2) as pool:
+        try:
+            pool.submit(batcher.submit, "blocker")
+            _wait_running(batcher)
+            started = time.monotonic()
+            with pytest.raises(sk.DeadlineExceeded):
+                batcher.submit("asks for an hour", timeout_s=3600)
+            with pytest.raises(sk.DeadlineExceeded):
+                batcher.submit("asks for nothing")
+            assert time.monotonic() - started < 2 * 0.05 + 1.0
+        finally:
+            release.set()
+    assert ["asks for an hour"] not in calls
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), slots=st.integers(1, 3))
+def test_bq03_ten_thousand_concurrent_requests_each_get_their_own_answer(
+    seed: int, slots: int
+) -> None:
+    import asyncio
+    import random
+
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 5) for _ in range(10_000)]
+    delays = [rng.random() * 0.002 for _ in range(10_000)]
+    batch_sizes: list[int] = []
+
+    def identity(batch: list[list[int]]) -> list[list[int]]:
+        batch_sizes.append(len(batch))
+        return [list(x) for x in batch]
+
+    async def main(batcher: Batcher[Any, Any]) -> list[Any]:
+        async def one(i: int) -> Any:
+            await asyncio.sleep(delays[i])
+            return await batcher.asubmit([i] * sizes[i])
+
+        return await asyncio.gather(*(one(i) for i in range(10_000)))
+
+    batcher = sk.Batcher(
+        identity, max_batch_size=32, max_queue=10_000, max_concurrent_batches=slots
+    )
+    with batcher:
+        results = asyncio.run(main(batcher))
+    assert results == [[i] * sizes[i] for i in range(10_000)]
+    assert sum(batch_sizes) == 10_000 and max(batch_sizes) <= 32
+    assert batcher.statistics().succeeded == 10_000

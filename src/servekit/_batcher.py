@@ -151,6 +151,8 @@ class Batcher(Generic[In, Out]):
     the key of the oldest item of the level it serves. ``submit(x, priority=p)``: lower
     values are served first, FIFO within a level; a level whose oldest item has been
     passed over for ``starvation_bound`` batches is served next, so nothing starves.
+    ``max_timeout_s`` caps every request's ``timeout_s`` (a request may shorten it, never
+    lengthen it), and applies to requests that give none.
 
     **Deadlines.** ``submit(x, timeout_s=...)``: when the timeout passes the caller gets
     :class:`~servekit.DeadlineExceeded` on time. A queued item is taken out of the queue
@@ -188,6 +190,7 @@ class Batcher(Generic[In, Out]):
         size_fn: Callable[[Any], int] | None = None,
         group_key: Callable[[Any], Hashable] | None = None,
         starvation_bound: int = 8,
+        max_timeout_s: float | None = None,
         name: str | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -223,6 +226,8 @@ class Batcher(Generic[In, Out]):
         self.group_key = group_key
         #: Batches a waiting priority level may be passed over before it is served.
         self.starvation_bound: int = starvation_bound
+        #: The longest a request may wait: a larger (or no) ``timeout_s`` is cut to it.
+        self.max_timeout_s = max_timeout_s
         # True when fn returns outcomes already isolated per item (a Predictor's back end).
         self._fn_isolates = False
         #: The name used in thread names and messages.
@@ -383,6 +388,7 @@ class Batcher(Generic[In, Out]):
 
     def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
         """Submit one item and wait: its output, or a Failure (never raises for the item)."""
+        timeout_s = self._clamp(timeout_s)
         waiter = SyncWaiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         if not waiter.wait(timeout_s):
@@ -394,6 +400,7 @@ class Batcher(Generic[In, Out]):
 
         An item refused at submission (queue full, closed) gets its error as its outcome.
         """
+        timeout_s = self._clamp(timeout_s)
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         records: list[_Pending | Failure] = []
         for x in xs:
@@ -427,6 +434,7 @@ class Batcher(Generic[In, Out]):
         self, xs: Iterable[Any], timeout_s: float | None, priority: int
     ) -> list[Any]:
         """Async twin of :meth:`_outcomes`: submit all, then await each."""
+        timeout_s = self._clamp(timeout_s)
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         records: list[_Pending | Failure] = []
         for x in xs:
@@ -453,6 +461,7 @@ class Batcher(Generic[In, Out]):
 
     async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
         """Async twin of :meth:`_outcome`."""
+        timeout_s = self._clamp(timeout_s)
         waiter = make_async_waiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         try:
@@ -504,6 +513,11 @@ class Batcher(Generic[In, Out]):
             self._cost += size
             self._ready.notify()
         return record
+
+    def _clamp(self, timeout_s: float | None) -> float | None:
+        if self.max_timeout_s is None:
+            return timeout_s
+        return self.max_timeout_s if timeout_s is None else min(timeout_s, self.max_timeout_s)
 
     def _attach(self, fn: Callable[[list[Any]], list[Any]], slots: int) -> None:
         """Make this Batcher feed a Predictor: ``fn`` runs a batch on its back end and
