@@ -663,3 +663,44 @@ def test_bq03_ten_thousand_concurrent_requests_each_get_their_own_answer(
     assert results == [[i] * sizes[i] for i in range(10_000)]
     assert sum(batch_sizes) == 10_000 and max(batch_sizes) <= 32
     assert batcher.statistics().succeeded == 10_000
+
+
+# -- collation ------------------------------------------------------------------------
+
+
+def test_stack_collation_gives_the_function_one_array_and_splits_rows_back() -> None:
+    import numpy as np
+
+    shapes: list[tuple[int, ...]] = []
+
+    def double(batch: Any) -> Any:
+        shapes.append(batch.shape)
+        return batch * 2
+
+    with (
+        sk.Batcher(double, collate=sk.Stack(), max_batch_size=8) as b,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        items = [np.full(3, i, dtype=np.float32) for i in range(6)] + [np.zeros(5)]
+        outs = list(pool.map(b.submit, items))
+    for item, out in zip(items, outs, strict=True):
+        np.testing.assert_array_equal(out, item * 2)
+    # Arrays of another shape never share a batch with these.
+    assert all(s[1:] in {(3,), (5,)} for s in shapes)
+
+
+@pytest.mark.parametrize("backend", [sk.Inline, lambda: sk.Threads(2), lambda: sk.Processes(1)])
+def test_predictor_collates_where_the_model_runs(backend: Any) -> None:
+    import numpy as np
+
+    class Lengths(sk.Model[Any, Any]):
+        def predict(self, batch: sk.PaddedBatch) -> Any:
+            assert isinstance(batch, sk.PaddedBatch)
+            return batch.data + batch.lengths[:, None]
+
+    batcher = sk.Batcher(max_batch_size=4, collate=sk.Pad())
+    with sk.Predictor(Lengths(), backend=backend(), batcher=batcher) as p:
+        items = [np.arange(n, dtype=np.int64) for n in (1, 3, 2, 4, 0)]
+        outs = p.predict_many(items)
+    for item, out in zip(items, outs, strict=True):
+        np.testing.assert_array_equal(out, item + len(item))

@@ -9,6 +9,12 @@ import logging as _logging
 
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStatistics as BatcherStatistics
+from ._collate import Collate as Collate
+from ._collate import DictOfArrays as DictOfArrays
+from ._collate import ListBatch as ListBatch
+from ._collate import Pad as Pad
+from ._collate import PaddedBatch as PaddedBatch
+from ._collate import Stack as Stack
 from ._model import FunctionModel as FunctionModel
 from ._model import Model as Model
 from ._model import model as model
@@ -48,20 +54,26 @@ __all__ = sorted(
         "BatcherStatistics",
         "Cancelled",
         "Closed",
+        "Collate",
         "DeadlineExceeded",
+        "DictOfArrays",
         "FunctionModel",
         "Inline",
         "InvalidInput",
         "LatencySummary",
+        "ListBatch",
         "Model",
         "ModelError",
         "ModelLoadError",
         "Overloaded",
+        "Pad",
+        "PaddedBatch",
         "Predictor",
         "PredictorState",
         "PredictorStatistics",
         "Processes",
         "SerializationError",
+        "Stack",
         "ServekitError",
         "Signature",
         "Threads",

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from ._collate import Collate, acollated, collated
 from ._outcome import Failure, arun_batch, run_batch, to_model_error
 from ._waker import SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
@@ -143,6 +144,13 @@ class Batcher(Generic[In, Out]):
       when a fuller batch is worth the latency (a GPU). With ``max_wait_s=0`` it is the
       same as the default.
 
+    **Collation.** ``collate`` says how items become the batch ``fn`` receives: a list
+    (the default), :class:`~servekit.Stack` (one numpy array),
+    :class:`~servekit.Pad` (ragged arrays padded, with lengths and an optional mask, and
+    outputs un-padded), or :class:`~servekit.DictOfArrays`; outputs are split back one
+    per item. Items only share a batch when the collation can put them together (the
+    same shape and dtype).
+
     **Cost, groups and priorities.** With ``size_fn`` a batch is bounded by cost rather
     than count: ``max_batch_size`` is then a budget in ``size_fn`` units (tokens, rows),
     and an item whose own cost exceeds it is refused with
@@ -191,6 +199,7 @@ class Batcher(Generic[In, Out]):
         group_key: Callable[[Any], Hashable] | None = None,
         starvation_bound: int = 8,
         max_timeout_s: float | None = None,
+        collate: Collate | None = None,
         name: str | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -226,6 +235,8 @@ class Batcher(Generic[In, Out]):
         self.group_key = group_key
         #: Batches a waiting priority level may be passed over before it is served.
         self.starvation_bound: int = starvation_bound
+        #: How items become the model's batch (default: a list); see :class:`~servekit.Stack`.
+        self.collate = collate
         #: The longest a request may wait: a larger (or no) ``timeout_s`` is cut to it.
         self.max_timeout_s = max_timeout_s
         # True when fn returns outcomes already isolated per item (a Predictor's back end).
@@ -277,6 +288,8 @@ class Batcher(Generic[In, Out]):
         is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
         )
+        if self.collate is not None and not self._fn_isolates:
+            fn = acollated(fn, self.collate) if is_async else collated(fn, self.collate)
         for index in range(self.max_concurrent_batches):
             thread = threading.Thread(
                 target=self._work,
@@ -485,6 +498,10 @@ class Batcher(Generic[In, Out]):
                     f"max_batch_size={self.max_batch_size}; split it into smaller requests"
                 )
         key = None if self.group_key is None else self.group_key(x)
+        if self.collate is not None:
+            # Only items the collation can put in one batch share it (same shape, dtype).
+            shape_key = self.collate.group_key(x)
+            key = shape_key if key is None else (key, shape_key)
         now = _monotonic()
         deadline = None if timeout_s is None else now + timeout_s
         record = _Pending(x, deadline, now, waiter, priority, key, size)

@@ -10,9 +10,10 @@ from typing import Any, ClassVar, Generic, TypeVar, get_type_hints, overload
 
 import anyio
 
+from ._collate import Collate, acollated, collated
 from ._signature import Signature, item_type_of
 
-__all__ = ["FunctionModel", "Model", "as_model", "model"]
+__all__ = ["CollatedModel", "FunctionModel", "Model", "as_model", "model"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -178,6 +179,57 @@ class FunctionModel(Model[Any, Any]):
     def __repr__(self) -> str:
         kind = "per-item" if self.per_item else "batch"
         return f"<FunctionModel {self._name!r} ({kind})>"
+
+
+class CollatedModel(Model[Any, Any]):
+    """A model whose ``predict`` receives collated batches (see :class:`~servekit.Stack`).
+
+    The Predictor wraps its model in this when its Batcher has a ``collate``, so that the
+    back end, wherever it runs (a worker process included), collates the list of items
+    just before the model and splits the outputs right after it; error isolation still
+    works on the list, one item at a time if need be.
+    """
+
+    def __init__(self, inner: Model[Any, Any], collate: Collate) -> None:
+        self.inner = inner
+        self.collate = collate
+        self._predict: Any = (
+            acollated(inner.predict, collate)
+            if inner.is_async
+            else collated(inner.predict, collate)
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The wrapped model's name."""
+        return self.inner.model_name
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the wrapped model is async."""
+        return self.inner.is_async
+
+    def load(self) -> None:
+        """Load the wrapped model."""
+        self.inner.load()
+
+    def predict(self, batch: list[Any]) -> Any:
+        """Collate ``batch``, call the wrapped model, split its outputs per item."""
+        return self._predict(batch)
+
+    def close(self) -> None:
+        """Close the wrapped model."""
+        self.inner.close()
+
+    def signature(self) -> Signature:
+        """The wrapped model's signature."""
+        return self.inner.signature()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"inner": self.inner, "collate": self.collate}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["inner"], state["collate"])  # type: ignore[misc]
 
 
 @overload

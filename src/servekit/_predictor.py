@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 from ._batcher import Batcher
-from ._model import Model, as_model
+from ._model import CollatedModel, Model, as_model
 from ._outcome import Failure, to_model_error
 from ._signature import Signature
 from ._waker import SyncWaiter, make_async_waiter
@@ -146,8 +146,13 @@ class Predictor(Generic[In, Out]):
         self._inline: Inline | None = self._backend if isinstance(self._backend, Inline) else None
         #: The :class:`~servekit.Batcher` gathering concurrent requests, if any.
         self.batcher = batcher
+        # What the back end runs: the model, or the model behind the batcher's collation
+        # (collated where the model runs, so a worker process receives plain items).
+        self._runnable: Model[Any, Any] = self._model
         if batcher is not None:
             batcher._attach(self._run_batch, self._backend.capacity)
+            if batcher.collate is not None:
+                self._runnable = CollatedModel(self._model, batcher.collate)
         self._starting = False
         self._state = PredictorState.NEW
         self._lock = threading.Lock()
@@ -195,7 +200,7 @@ class Predictor(Generic[In, Out]):
                     break
                 self._changed.wait()
         try:
-            self._backend.start(self._model)
+            self._backend.start(self._runnable)
             if self.batcher is not None:
                 self.batcher.start()
         finally:
