@@ -254,6 +254,7 @@ class Batcher(Generic[In, Out]):
         self._depth = 0  # items queued over all levels
         self._cost = 0  # their total size
         self._formed = 0  # batches formed so far (the clock of the starvation bound)
+        self._waiting = 0  # workers blocked on _ready, so submissions know to notify
         self._state = _NEW
         self._threads: list[threading.Thread] = []
         self._closed_event = threading.Event()  # set when close() has finished
@@ -490,6 +491,7 @@ class Batcher(Generic[In, Out]):
         self, x: Any, timeout_s: float | None, waiter: Waiter, priority: int = 0
     ) -> _Pending:
         size = 1
+        key: Hashable = None
         if self.size_fn is not None:
             size = int(self.size_fn(x))
             if size > self.max_batch_size:
@@ -497,7 +499,8 @@ class Batcher(Generic[In, Out]):
                     f"this item's size is {size}, more than the batch budget "
                     f"max_batch_size={self.max_batch_size}; split it into smaller requests"
                 )
-        key = None if self.group_key is None else self.group_key(x)
+        if self.group_key is not None:
+            key = self.group_key(x)
         if self.collate is not None:
             # Only items the collation can put in one batch share it (same shape, dtype).
             shape_key = self.collate.group_key(x)
@@ -528,7 +531,10 @@ class Batcher(Generic[In, Out]):
             level.append(record)
             self._depth += 1
             self._cost += size
-            self._ready.notify()
+            if self._waiting:
+                # Condition.notify costs ~0.5 µs even with nobody waiting; under load
+                # every worker is busy, so most submissions skip it.
+                self._ready.notify()
         return record
 
     def _clamp(self, timeout_s: float | None) -> float | None:
@@ -614,12 +620,16 @@ class Batcher(Generic[In, Out]):
                     oldest = min(level[0].enqueued for level in self._levels.values() if level)
                     remaining = oldest + self.max_wait_s - _monotonic()
                     if remaining > 0:
+                        self._waiting += 1
                         self._ready.wait(remaining)
+                        self._waiting -= 1
                         continue
                 return self._form_locked()
             if self._state >= _STOPPING:
                 return None
+            self._waiting += 1
             self._ready.wait()
+            self._waiting -= 1
 
     def _pick_level_locked(self) -> deque[_Pending]:
         """The level to serve: the first non-empty one, unless a lower one starves."""
