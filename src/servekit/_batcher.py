@@ -48,7 +48,7 @@ from typing import Any, Generic, TypeVar
 
 from ._collate import Collate, acollated, collated
 from ._outcome import Failure, arun_batch, run_batch, to_model_error
-from ._waker import SyncWaiter, Waiter, make_async_waiter, wake_all
+from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 
 __all__ = ["Batcher", "BatcherStatistics"]
@@ -113,7 +113,7 @@ class _Pending:
     item: Any
     deadline: float | None  # monotonic seconds; None = no deadline
     enqueued: float  # monotonic seconds, for max_wait_s
-    waiter: Waiter  # wakes the caller's thread or event loop
+    waiter: Waiter | asyncio.Future[None]  # wakes the caller's thread or event loop
     priority: int = 0  # lower is served first
     key: Hashable = None  # only items with equal keys share a batch
     size: int = 1  # cost against max_batch_size (size_fn), 1 when counting items
@@ -451,19 +451,23 @@ class Batcher(Generic[In, Out]):
         timeout_s = self._clamp(timeout_s)
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         records: list[_Pending | Failure] = []
+        waiters: list[AsyncWaiter | None] = []
         for x in xs:
+            made = make_async_waiter()
             try:
-                records.append(self._enqueue(x, timeout_s, make_async_waiter(), priority))
+                records.append(self._enqueue(x, timeout_s, made, priority))
+                waiters.append(made)
             except (Overloaded, Closed, InvalidInput, DeadlineExceeded) as exc:
                 records.append(Failure(exc))
+                waiters.append(None)
         outcomes: list[Any] = []
         try:
-            for record in records:
-                if isinstance(record, Failure):
+            for record, waiter in zip(records, waiters, strict=True):
+                if isinstance(record, Failure) or waiter is None:
                     outcomes.append(record)
                     continue
                 remaining = None if deadline is None else deadline - _monotonic()
-                if not await record.waiter.wait(remaining):  # type: ignore[attr-defined]
+                if not await waiter.wait(remaining):
                     self._give_up(record, _deadline_error(timeout_s), expired=True)
                 outcomes.append(record.outcome)
         except BaseException:
@@ -476,6 +480,22 @@ class Batcher(Generic[In, Out]):
     async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
         """Async twin of :meth:`_outcome`."""
         timeout_s = self._clamp(timeout_s)
+        if timeout_s is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # trio: the general path below
+            else:
+                # The hot path of asyncio callers: the future is the waiter, awaited
+                # directly (wake_all sets a whole batch's futures in one loop call).
+                future = loop.create_future()
+                record = self._enqueue(x, None, future, priority)
+                try:
+                    await future
+                except BaseException:
+                    self._give_up(record, Cancelled("the caller was cancelled"))
+                    raise
+                return record.outcome
         waiter = make_async_waiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         try:
@@ -488,7 +508,11 @@ class Batcher(Generic[In, Out]):
         return record.outcome
 
     def _enqueue(
-        self, x: Any, timeout_s: float | None, waiter: Waiter, priority: int = 0
+        self,
+        x: Any,
+        timeout_s: float | None,
+        waiter: Waiter | asyncio.Future[None],
+        priority: int = 0,
     ) -> _Pending:
         size = 1
         key: Hashable = None
@@ -538,7 +562,7 @@ class Batcher(Generic[In, Out]):
         return record
 
     def _clamp(self, timeout_s: float | None) -> float | None:
-        if self.max_timeout_s is None:
+        if self.max_timeout_s is None:  # the common case, first
             return timeout_s
         return self.max_timeout_s if timeout_s is None else min(timeout_s, self.max_timeout_s)
 

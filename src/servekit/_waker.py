@@ -25,6 +25,10 @@ class Waiter(Protocol):
         """Wake the waiting caller. Called at most once, from any thread."""
 
 
+#: The type of ``loop.create_future()``: a bare future may stand in for a waiter.
+_FUTURE = asyncio.Future
+
+
 class SyncWaiter:
     """Waiter for a caller that blocks its thread."""
 
@@ -135,14 +139,19 @@ class _TrioWaiter:
 def wake_all(waiters: list[Any]) -> None:
     """Wake every waiter, scheduling one call per event loop rather than one per waiter.
 
+    A waiter is one of this module's waiters, or a bare asyncio future (set on its loop).
+
     A finished batch often holds many callers of the same loop; each thread-safe call
     onto a loop writes to its self-pipe and costs a system call, so one call per loop
     that wakes all of that loop's callers is much cheaper.
     """
     groups: dict[int, list[Any]] = {}
+    futures: dict[int, list[asyncio.Future[None]]] = {}
     for waiter in waiters:
         kind = type(waiter)
-        if kind is _AsyncioWaiter:
+        if kind is _FUTURE:
+            futures.setdefault(id(waiter.get_loop()), []).append(waiter)
+        elif kind is _AsyncioWaiter:
             groups.setdefault(id(waiter._loop), []).append(waiter)
         elif kind is _TrioWaiter:
             groups.setdefault(id(waiter._token), []).append(waiter)
@@ -153,6 +162,17 @@ def wake_all(waiters: list[Any]) -> None:
             group[0].wake()
         else:
             type(group[0]).wake_group(group)
+    for same_loop in futures.values():
+        try:
+            same_loop[0].get_loop().call_soon_threadsafe(_resolve, same_loop)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled caller's future is done already
+            future.set_result(None)
 
 
 def make_async_waiter() -> AsyncWaiter:
