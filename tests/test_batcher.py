@@ -704,3 +704,21 @@ def test_predictor_collates_where_the_model_runs(backend: Any) -> None:
         outs = p.predict_many(items)
     for item, out in zip(items, outs, strict=True):
         np.testing.assert_array_equal(out, item + len(item))
+
+
+def test_statistics_report_batch_sizes_waits_run_times_and_utilisation() -> None:
+    def slow(batch: list[int]) -> list[int]:
+        time.sleep(0.01)
+        return batch
+
+    with sk.Batcher(slow, max_batch_size=4) as batcher, ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(batcher.submit, range(20))) == list(range(20))
+        stats = batcher.statistics()
+    assert sum(size * count for size, count in stats.batch_sizes.items()) == 20
+    assert max(stats.batch_sizes) <= 4
+    assert sum(stats.batch_sizes.values()) == stats.batches
+    assert stats.run_time.count == stats.batches and stats.run_time.p50_s >= 0.01
+    assert stats.queue_wait.count == 20 and stats.queue_wait.max_s >= 0.0
+    assert 0.0 < stats.utilisation <= 1.0
+    with pytest.raises(TypeError):
+        stats.batch_sizes[1] = 5  # type: ignore[index]

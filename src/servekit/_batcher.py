@@ -41,7 +41,9 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from types import MappingProxyType
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -50,6 +52,7 @@ from ._collate import Collate, acollated, collated
 from ._outcome import Failure, arun_batch, run_batch, to_model_error
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
+from .metrics import LatencySummary, LatencyWindow
 
 __all__ = ["Batcher", "BatcherStatistics"]
 
@@ -104,6 +107,14 @@ class BatcherStatistics:
     cancelled: int
     #: Items failed with ``Closed`` because the grace period of ``close`` ran out.
     closed: int
+    #: How many batches of each size have run: ``{size: count}`` (read-only).
+    batch_sizes: Mapping[int, int]
+    #: Time items waited in the queue, from submission to their batch's start.
+    queue_wait: LatencySummary
+    #: Time the function took per batch.
+    run_time: LatencySummary
+    #: Share of the slots' time spent running batches since start (0.0 to 1.0).
+    utilisation: float
 
 
 @dataclass(slots=True, eq=False)  # eq=False: identity, so deque.remove finds this record
@@ -268,6 +279,11 @@ class Batcher(Generic[In, Out]):
         self._expired = 0
         self._cancelled = 0
         self._closed = 0
+        self._sizes: Counter[int] = Counter()
+        self._queue_wait = LatencyWindow()
+        self._run_time = LatencyWindow()
+        self._busy_s = 0.0  # slot-seconds spent running batches
+        self._started_at = 0.0  # monotonic time of start, for utilisation
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -300,6 +316,7 @@ class Batcher(Generic[In, Out]):
             )
             self._threads.append(thread)
         self._state = _OPEN
+        self._started_at = _monotonic()
         for thread in self._threads:
             thread.start()
 
@@ -441,6 +458,25 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
+        if timeout_s is None and self.max_timeout_s is None:
+            # The asyncio hot path, inlined here to save a coroutine frame per request.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # trio: the general path
+            else:
+                future = loop.create_future()
+                record = self._enqueue(x, None, future, priority)
+                try:
+                    await future
+                except BaseException:
+                    self._give_up(record, Cancelled("the caller was cancelled"))
+                    raise
+                outcome = record.outcome
+                if type(outcome) is Failure:
+                    raise to_model_error(outcome.error)
+                fast: Out = outcome
+                return fast
         result: Out = _unwrap(await self._aoutcome(x, timeout_s, priority))
         return result
 
@@ -731,12 +767,17 @@ class Batcher(Generic[In, Out]):
             self._running -= 1
             self._batches += 1
             self._items += len(batch)
+            self._sizes[len(batch)] += 1
+            self._run_time.record(elapsed)
+            self._busy_s += elapsed
             self._batch_s = (
                 elapsed
                 if self._batch_s <= 0.0
                 else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
             )
+            wait = self._queue_wait
             for record, outcome in zip(batch, outcomes, strict=True):
+                wait.record(started - record.enqueued)
                 if record.settled:
                     continue  # its caller gave up while the batch ran: the result is dropped
                 record.settled = True
@@ -765,7 +806,17 @@ class Batcher(Generic[In, Out]):
                 expired=self._expired,
                 cancelled=self._cancelled,
                 closed=self._closed,
+                batch_sizes=MappingProxyType(dict(sorted(self._sizes.items()))),
+                queue_wait=self._queue_wait.summary(),
+                run_time=self._run_time.summary(),
+                utilisation=self._utilisation_locked(),
             )
+
+    def _utilisation_locked(self) -> float:
+        if self._started_at == 0.0:
+            return 0.0
+        span = (_monotonic() - self._started_at) * self.max_concurrent_batches
+        return min(self._busy_s / span, 1.0) if span > 0 else 0.0
 
     def __repr__(self) -> str:
         states = {_NEW: "new", _OPEN: "open", _CLOSING: "closing", _STOPPING: "closing"}
