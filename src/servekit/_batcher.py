@@ -40,12 +40,10 @@ import inspect
 import math
 import threading
 import time
-from collections import deque
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from types import MappingProxyType
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._collate import Collate, acollated, collated
