@@ -722,3 +722,45 @@ def test_statistics_report_batch_sizes_waits_run_times_and_utilisation() -> None
     assert 0.0 < stats.utilisation <= 1.0
     with pytest.raises(TypeError):
         stats.batch_sizes[1] = 5  # type: ignore[index]
+
+
+@pytest.mark.anyio
+async def test_bq11_cancel_during_execution_is_visible_to_the_batch_function() -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    seen: dict[str, bool] = {}
+
+    def fn(batch: list[str]) -> list[str]:
+        entered.set()
+        release.wait()
+        seen.update({x: sk.is_cancelled(x) for x in batch})
+        return [x.upper() for x in batch]
+
+    async with sk.Batcher(fn, max_batch_size=8, wait_for_full=True, max_wait_s=0.05) as b:
+        results: dict[str, str] = {}
+
+        async def keep(x: str) -> None:
+            results[x] = await b.asubmit(x)
+
+        scopes: list[anyio.CancelScope] = []
+        left: list[bool] = []
+
+        async def leaver() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await b.asubmit("gone")
+            left.append(True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep, "kept")
+            tg.start_soon(keep, "other")
+            tg.start_soon(leaver)
+            while not entered.is_set():
+                await anyio.sleep(0.001)
+            scopes[0].cancel()  # the caller of "gone" leaves while its batch runs
+            await anyio.sleep(0.01)
+            assert left == [True]  # resolved at once, while its batch still runs
+            release.set()
+    assert seen == {"kept": False, "other": False, "gone": True}
+    assert results == {"kept": "KEPT", "other": "OTHER"}
+    assert sk.is_cancelled("gone") is False  # outside a batch: nothing to ask about

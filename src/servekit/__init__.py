@@ -9,6 +9,7 @@ import logging as _logging
 
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStatistics as BatcherStatistics
+from ._batcher import is_cancelled as is_cancelled
 from ._collate import Collate as Collate
 from ._collate import DictOfArrays as DictOfArrays
 from ._collate import ListBatch as ListBatch
@@ -78,6 +79,7 @@ __all__ = sorted(
         "Signature",
         "Threads",
         "WorkerCrashed",
+        "is_cancelled",
         "model",
     ]
 )

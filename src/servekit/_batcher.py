@@ -52,7 +52,7 @@ from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 from .metrics import LatencySummary, LatencyWindow
 
-__all__ = ["Batcher", "BatcherStatistics"]
+__all__ = ["Batcher", "BatcherStatistics", "is_cancelled"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -72,6 +72,30 @@ _DEFAULT_RETRY_AFTER_S = 0.05
 _EWMA_ALPHA = 0.2
 
 _names = iter(range(1, 1 << 62))
+
+# The batch a slot thread is running, for is_cancelled(); None outside a batch.
+_running_batch = threading.local()
+
+
+def is_cancelled(item: Any) -> bool:
+    """Whether every caller waiting for ``item`` has gone (cancelled, or past its deadline).
+
+    For a batch function that can stop early: call it with an item of the batch it was
+    given, and skip the work for items nobody waits for any more (their outputs are
+    dropped anyway; return anything in their place). It answers for batches run on the
+    Batcher's own threads: a standalone Batcher, or a Predictor on the Inline back end.
+    Elsewhere (worker threads of another back end, worker processes) it returns False.
+
+    Example::
+
+        def generate(prompts: list[str]) -> list[str]:
+            return ["" if sk.is_cancelled(p) else long_generation(p) for p in prompts]
+    """
+    batch: list[_Pending] | None = getattr(_running_batch, "records", None)
+    if not batch:
+        return False
+    mine = [record for record in batch if record.item is item]
+    return bool(mine) and all(record.settled for record in mine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +771,7 @@ class Batcher(Generic[In, Out]):
     ) -> None:
         items = [record.item for record in batch]
         started = _monotonic()
+        _running_batch.records = batch
         try:
             if self._fn_isolates:
                 outcomes = fn(items)  # a Predictor's back end: outcomes already per item
@@ -759,6 +784,8 @@ class Batcher(Generic[In, Out]):
             # Fail this batch's callers and keep the slot alive: a dead worker thread would
             # leave every later caller waiting forever.
             outcomes = [Failure(exc)] * len(batch)
+        finally:
+            _running_batch.records = None
         elapsed = _monotonic() - started
         woken: list[_Pending] = []
         with self._lock:
