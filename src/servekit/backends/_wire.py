@@ -1,7 +1,7 @@
 """Messages between a parent and its worker processes, over private pipes.
 
-Objects are pickled with protocol 5 and their large buffers (numpy arrays) travel out of
-band: each buffer is sent as its own message straight from the array's memory and
+Objects are pickled with protocol 5 and their large buffers (numpy arrays of 64 KiB or
+more) travel out of band: each buffer is sent as its own message straight from the array's memory and
 received into a fresh writable ``bytearray`` that the unpickled array then uses, so an
 array is copied once by the pipe and never into the pickle stream. Pickle is read only
 from these pipes, which connect a parent to the workers it spawned itself.
@@ -21,6 +21,9 @@ __all__ = ["Encoded", "encode", "recv", "send"]
 
 _COUNT = struct.Struct("<I")
 _SIZE = struct.Struct("<Q")
+#: Buffers smaller than this are copied into the pickle stream instead: a message per
+#: buffer costs a system call each way, more than copying a small buffer does.
+_OUT_OF_BAND_MIN = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -33,11 +36,20 @@ class Encoded:
 
 def encode(obj: Any) -> Encoded:
     """Pickle ``obj`` (raises whatever pickling raises)."""
-    buffers: list[pickle.PickleBuffer] = []
+    raws: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        # Small buffers go in the pickle stream (one message for many small arrays);
+        # large ones travel alone, straight from the array's memory. False = out of band.
+        raw = buffer.raw()
+        if raw.nbytes < _OUT_OF_BAND_MIN:
+            return True
+        raws.append(raw)
+        return False
+
     # cloudpickle, not pickle, even for plain data: it sends classes defined in
     # __main__ or in a notebook by value, which a spawned worker could not import.
-    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [buf.raw() for buf in buffers]
+    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     head = b"".join([_COUNT.pack(len(raws)), *(_SIZE.pack(raw.nbytes) for raw in raws), payload])
     return Encoded(head, raws)
 
