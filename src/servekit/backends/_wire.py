@@ -1,9 +1,10 @@
 """Messages between a parent and its worker processes, over private pipes.
 
-Objects are pickled with protocol 5 and their large buffers (numpy arrays of 64 KiB or
-more) travel out of band: each buffer is sent as its own message straight from the array's memory and
-received into a fresh writable ``bytearray`` that the unpickled array then uses, so an
-array is copied once by the pipe and never into the pickle stream. Pickle is read only
+Objects are pickled with protocol 5. Large buffers (numpy arrays of 64 KiB or more)
+travel out of band: each is sent as its own message straight from the array's memory
+and received into a fresh writable ``bytearray`` that the unpickled array then uses, so
+it is copied once by the pipe and never into the pickle stream. Smaller buffers ride in
+the pickle stream, so a batch of many small arrays is one message. Pickle is read only
 from these pipes, which connect a parent to the workers it spawned itself.
 """
 
