@@ -480,25 +480,6 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        if timeout_s is None and self.max_timeout_s is None:
-            # The asyncio hot path, inlined here to save a coroutine frame per request.
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass  # trio: the general path
-            else:
-                future = loop.create_future()
-                record = self._enqueue(x, None, future, priority)
-                try:
-                    await future
-                except BaseException:
-                    self._give_up(record, Cancelled("the caller was cancelled"))
-                    raise
-                outcome = record.outcome
-                if type(outcome) is Failure:
-                    raise to_model_error(outcome.error)
-                fast: Out = outcome
-                return fast
         result: Out = _unwrap(await self._aoutcome(x, timeout_s, priority))
         return result
 
