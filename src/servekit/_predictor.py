@@ -73,6 +73,22 @@ class PredictorStatistics:
     latency: LatencySummary
 
 
+@dataclass(slots=True, eq=False)
+class _Generation:
+    """One model on one started back end. A swap starts a new generation and drains the
+    old one; requests and batches count themselves in ``active`` (under the lock) while
+    they use it, so the old one is closed only when nothing uses it any more."""
+
+    model: Model[Any, Any]
+    backend: Backend
+    runnable: Model[Any, Any]  # what the back end runs: the model, or it behind collation
+    signature: Signature
+    validate: bool
+    inline: Inline | None  # the back end, when it is Inline: called directly
+    active: int = 0
+    retired: bool = False
+
+
 class _Call:
     """One hand-off to a back end, waited on by one caller.
 
@@ -135,24 +151,16 @@ class Predictor(Generic[In, Out]):
     ) -> None:
         if per_item and isinstance(model, Model):
             raise TypeError("per_item=True applies to plain functions, not to a Model instance")
-        self._model: Model[Any, Any] = as_model(model, per_item=per_item)
-        self._backend: Backend = backend if backend is not None else Inline()
-        #: The model's :class:`~servekit.Signature` (input and output item types).
-        self.signature: Signature = self._model.signature()
-        #: The predictor's name (default: the model's name).
-        self.name: str = name or self._model.model_name
-        self._validate = validate and self.signature.validates
-        # The Inline back end is called directly: no task, no hand-off, no waiter.
-        self._inline: Inline | None = self._backend if isinstance(self._backend, Inline) else None
+        first = as_model(model, per_item=per_item)
         #: The :class:`~servekit.Batcher` gathering concurrent requests, if any.
         self.batcher = batcher
-        # What the back end runs: the model, or the model behind the batcher's collation
-        # (collated where the model runs, so a worker process receives plain items).
-        self._runnable: Model[Any, Any] = self._model
+        self._validate_inputs = validate
+        self._gen = self._generation(first, backend if backend is not None else Inline())
+        #: The predictor's name (default: the model's name).
+        self.name: str = name or first.model_name
         if batcher is not None:
-            batcher._attach(self._run_batch, self._backend.capacity)
-            if batcher.collate is not None:
-                self._runnable = CollatedModel(self._model, batcher.collate)
+            batcher._attach(self._run_batch, self._gen.backend.capacity)
+        self._swap_lock = threading.Lock()
         self._starting = False
         self._state = PredictorState.NEW
         self._lock = threading.Lock()
@@ -165,15 +173,30 @@ class Predictor(Generic[In, Out]):
 
     # -- lifecycle ---------------------------------------------------------------
 
+    def _generation(self, model: Model[Any, Any], backend: Backend) -> _Generation:
+        signature = model.signature()
+        runnable = model
+        if self.batcher is not None and self.batcher.collate is not None:
+            # Collated where the model runs, so a worker process receives plain items.
+            runnable = CollatedModel(model, self.batcher.collate)
+        inline = backend if isinstance(backend, Inline) else None
+        validate = self._validate_inputs and signature.validates
+        return _Generation(model, backend, runnable, signature, validate, inline)
+
     @property
     def model(self) -> Model[In, Out]:
-        """The model this predictor serves."""
-        return self._model
+        """The model this predictor serves (the new one, once a swap has switched)."""
+        return self._gen.model
 
     @property
     def backend(self) -> Backend:
         """The execution back end."""
-        return self._backend
+        return self._gen.backend
+
+    @property
+    def signature(self) -> Signature:
+        """The model's :class:`~servekit.Signature` (input and output item types)."""
+        return self._gen.signature
 
     @property
     def state(self) -> PredictorState:
@@ -183,7 +206,7 @@ class Predictor(Generic[In, Out]):
     @property
     def ready(self) -> bool:
         """True when running and its back end is healthy (for readiness probes)."""
-        return self._state is PredictorState.RUNNING and getattr(self._backend, "healthy", True)
+        return self._state is PredictorState.RUNNING and getattr(self._gen.backend, "healthy", True)
 
     def start(self) -> None:
         """Load the model on the back end. Idempotent; raises ModelLoadError if it fails."""
@@ -200,7 +223,7 @@ class Predictor(Generic[In, Out]):
                     break
                 self._changed.wait()
         try:
-            self._backend.start(self._runnable)
+            self._gen.backend.start(self._gen.runnable)
             if self.batcher is not None:
                 self.batcher.start()
         finally:
@@ -238,7 +261,7 @@ class Predictor(Generic[In, Out]):
         try:
             if self.batcher is not None:
                 self.batcher.close(max(deadline - _monotonic(), 0.0))
-            self._backend.close(max(deadline - _monotonic(), 0.0))
+            self._gen.backend.close(max(deadline - _monotonic(), 0.0))
         finally:
             with self._lock:
                 self._state = PredictorState.CLOSED
@@ -247,6 +270,41 @@ class Predictor(Generic[In, Out]):
     async def aclose(self, grace_s: float = 30.0) -> None:
         """Async twin of :meth:`close` (drains on a worker thread, not the loop)."""
         await anyio.to_thread.run_sync(self.close, grace_s)
+
+    def swap(self, model: Model[Any, Any] | Any, *, grace_s: float = 30.0) -> None:
+        """Replace the model without dropping a request.
+
+        The new model (a Model or a function) is loaded on a fresh back end of the same
+        kind and settings; if its ``load()`` fails, :class:`~servekit.ModelLoadError` is
+        raised and the old model keeps serving. Then new requests (and new batches) go
+        to the new model, while requests already running on the old one finish there
+        (within ``grace_s``); then the old back end is closed. No request is dropped and
+        no batch mixes the two models. The signature becomes the new model's for
+        requests that arrive after the switch. One swap runs at a time.
+        """
+        new_model = as_model(model)
+        with self._swap_lock:
+            self.start()
+            backend = self._gen.backend.clone()
+            gen = self._generation(new_model, backend)
+            backend.start(gen.runnable)  # loads; on failure the old model keeps serving
+            with self._lock:
+                if self._state is not _RUNNING:
+                    closing = True
+                else:
+                    closing = False
+                    old, self._gen = self._gen, gen
+                    old.retired = True
+                    deadline = _monotonic() + max(grace_s, 0.0)
+                    self._changed.wait_for(lambda: not old.active, timeout=max(grace_s, 0.0))
+            if closing:
+                backend.close(0.0)
+                raise Closed(f"predictor {self.name!r} closed during the swap; nothing changed")
+            old.backend.close(max(deadline - _monotonic(), 0.0))
+
+    async def aswap(self, model: Model[Any, Any] | Any, *, grace_s: float = 30.0) -> None:
+        """Async twin of :meth:`swap` (loads and drains on a worker thread, not the loop)."""
+        await anyio.to_thread.run_sync(lambda: self.swap(model, grace_s=grace_s))
 
     def __enter__(self) -> Predictor[In, Out]:
         self.start()
@@ -274,8 +332,11 @@ class Predictor(Generic[In, Out]):
 
     # -- accounting ----------------------------------------------------------------
 
-    def _admit(self, n: int) -> None:
-        """Count ``n`` items in, or raise Closed. Starts the predictor on first use."""
+    def _admit(self, n: int) -> _Generation:
+        """Count ``n`` items in, or raise Closed; the generation they run on.
+
+        Starts the predictor on first use.
+        """
         if self._state is _NEW:
             self.start()
         with self._lock:
@@ -285,11 +346,17 @@ class Predictor(Generic[In, Out]):
                 raise Closed(f"predictor {self.name!r} is closing or closed")
             self._in_flight += n
             self._requests += n
+            gen = self._gen
+            gen.active += n
+            return gen
 
-    def _finish(self, n: int, failed: int, started: float) -> None:
+    def _finish(self, n: int, failed: int, started: float, gen: _Generation) -> None:
         elapsed = _perf_counter() - started
         with self._lock:
             self._in_flight -= n
+            gen.active -= n
+            if gen.retired and not gen.active:
+                self._changed.notify_all()
             self._succeeded += n - failed
             self._errors += failed
             self._latency.record(elapsed)
@@ -307,7 +374,7 @@ class Predictor(Generic[In, Out]):
             return PredictorStatistics(
                 name=self.name,
                 state=self._state,
-                backend=self._backend.describe(),
+                backend=self._gen.backend.describe(),
                 requests=self._requests,
                 succeeded=self._succeeded,
                 errors=self._errors,
@@ -326,47 +393,47 @@ class Predictor(Generic[In, Out]):
         :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`. ``priority``
         orders queued requests when the predictor has a batcher (lower first).
         """
-        if self._validate:
+        if self._gen.validate:
             x = self._checked(x)
-        self._admit(1)
+        gen = self._admit(1)
         started = _perf_counter()
         outcome: Any = None
         try:
             if self.batcher is not None:
                 outcome = self.batcher._outcome(x, timeout_s, priority)
-            elif self._inline is not None:
+            elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
-                outcome = self._inline.run([x])[0]
+                outcome = gen.inline.run([x])[0]
             else:
-                outcome = self._wait_sync([x], timeout_s)[0]
+                outcome = self._wait_sync(gen.backend, [x], timeout_s)[0]
         except BaseException:
-            self._finish(1, 1, started)
+            self._finish(1, 1, started, gen)
             raise
-        return self._settle(outcome, started)
+        return self._settle(outcome, started, gen)
 
     async def apredict(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Async twin of :meth:`predict`; cancelling the caller drops its request."""
-        if self._validate:
+        if self._gen.validate:
             x = self._checked(x)
         if self._state is _NEW:
             await self.astart()
-        self._admit(1)
+        gen = self._admit(1)
         started = _perf_counter()
         outcome: Any = None
         try:
             if self.batcher is not None:
                 outcome = await self.batcher._aoutcome(x, timeout_s, priority)
-            elif self._inline is not None:
+            elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
-                outcome = (await self._inline.arun([x]))[0]
+                outcome = (await gen.inline.arun([x]))[0]
             else:
-                outcome = (await self._wait_async([x], timeout_s))[0]
+                outcome = (await self._wait_async(gen.backend, [x], timeout_s))[0]
         except BaseException:
-            self._finish(1, 1, started)
+            self._finish(1, 1, started, gen)
             raise
-        return self._settle(outcome, started)
+        return self._settle(outcome, started, gen)
 
     def _checked(self, x: Any) -> Any:
         try:
@@ -375,12 +442,12 @@ class Predictor(Generic[In, Out]):
             self._reject(1)
             raise
 
-    def _settle(self, outcome: Any, started: float) -> Out:
+    def _settle(self, outcome: Any, started: float, gen: _Generation) -> Out:
         """Account for one finished item; return its output or raise its error."""
         if type(outcome) is Failure:
-            self._finish(1, 1, started)
+            self._finish(1, 1, started, gen)
             raise to_model_error(outcome.error)
-        self._finish(1, 0, started)
+        self._finish(1, 0, started, gen)
         result: Out = outcome
         return result
 
@@ -388,33 +455,45 @@ class Predictor(Generic[In, Out]):
         """The batcher's function: run one formed batch on the back end, wait, return outcomes.
 
         Runs on a batcher slot thread; the batcher has already dropped cancelled and
-        expired items, so the task carries no check.
+        expired items, so the task carries no check. The batch runs whole on the
+        generation current when it starts, so no batch mixes two models.
         """
-        if self._inline is not None:
-            return self._inline.run(items)
-        call = _Call(SyncWaiter(), None)
+        with self._lock:
+            gen = self._gen
+            gen.active += 1
         try:
-            self._backend.submit(Task(items, call.done))
-        except (Overloaded, Closed) as exc:
-            return [Failure(exc)] * len(items)
-        call.waiter.wait(None)
-        assert call.outcomes is not None
-        return call.outcomes
+            if gen.inline is not None:
+                return gen.inline.run(items)
+            call = _Call(SyncWaiter(), None)
+            try:
+                gen.backend.submit(Task(items, call.done))
+            except (Overloaded, Closed) as exc:
+                return [Failure(exc)] * len(items)
+            call.waiter.wait(None)
+            assert call.outcomes is not None
+            return call.outcomes
+        finally:
+            with self._lock:
+                gen.active -= 1
+                if gen.retired and not gen.active:
+                    self._changed.notify_all()
 
-    def _wait_sync(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+    def _wait_sync(self, backend: Backend, items: list[Any], timeout_s: float | None) -> list[Any]:
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         call = _Call(SyncWaiter(), deadline)
-        self._backend.submit(Task(items, call.done, call.check))
+        backend.submit(Task(items, call.done, call.check))
         if not call.waiter.wait(timeout_s):
             call.abandoned = True
             raise _deadline(timeout_s)
         assert call.outcomes is not None
         return call.outcomes
 
-    async def _wait_async(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+    async def _wait_async(
+        self, backend: Backend, items: list[Any], timeout_s: float | None
+    ) -> list[Any]:
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         call = _Call(make_async_waiter(), deadline)
-        self._backend.submit(Task(items, call.done, call.check))
+        backend.submit(Task(items, call.done, call.check))
         try:
             woken = await call.waiter.wait(timeout_s)
         except BaseException:
@@ -447,22 +526,22 @@ class Predictor(Generic[In, Out]):
         items = list(xs)
         outcomes, valid = self._validate_many(items)
         if valid:
-            self._admit(len(valid))
+            gen = self._admit(len(valid))
             started = _perf_counter()
             failed = len(valid)
             try:
                 values = [items[i] for i in valid]
                 if self.batcher is not None:
                     results = self.batcher._outcomes(values, timeout_s, priority)
-                elif self._inline is not None:
-                    results = self._inline.run(values)
+                elif gen.inline is not None:
+                    results = gen.inline.run(values)
                 else:
-                    results = self._many_sync(values, timeout_s)
+                    results = self._many_sync(gen.backend, values, timeout_s)
                 for index, outcome in zip(valid, results, strict=True):
                     outcomes[index] = outcome
                 failed = sum(type(o) is Failure for o in results)
             finally:
-                self._finish(len(valid), failed, started)
+                self._finish(len(valid), failed, started, gen)
         return _unwrap_many(outcomes, return_exceptions)
 
     async def apredict_many(
@@ -479,27 +558,27 @@ class Predictor(Generic[In, Out]):
         if valid:
             if self._state is _NEW:
                 await self.astart()
-            self._admit(len(valid))
+            gen = self._admit(len(valid))
             started = _perf_counter()
             failed = len(valid)
             try:
                 values = [items[i] for i in valid]
                 if self.batcher is not None:
                     results = await self.batcher._aoutcomes(values, timeout_s, priority)
-                elif self._inline is not None:
-                    results = await self._inline.arun(values)
+                elif gen.inline is not None:
+                    results = await gen.inline.arun(values)
                 else:
-                    results = await self._many_async(values, timeout_s)
+                    results = await self._many_async(gen.backend, values, timeout_s)
                 for index, outcome in zip(valid, results, strict=True):
                     outcomes[index] = outcome
                 failed = sum(type(o) is Failure for o in results)
             finally:
-                self._finish(len(valid), failed, started)
+                self._finish(len(valid), failed, started, gen)
         return _unwrap_many(outcomes, return_exceptions)
 
     def _validate_many(self, items: list[Any]) -> tuple[list[Any], list[int]]:
         outcomes: list[Any] = [None] * len(items)
-        if not self._validate:
+        if not self._gen.validate:
             return outcomes, list(range(len(items)))
         valid: list[int] = []
         for index, item in enumerate(items):
@@ -513,17 +592,18 @@ class Predictor(Generic[In, Out]):
             self._reject(len(items) - len(valid))
         return outcomes, valid
 
-    def _chunks(self, items: list[Any]) -> list[list[Any]]:
-        parts = max(1, min(self._backend.capacity, len(items)))
+    @staticmethod
+    def _chunks(backend: Backend, items: list[Any]) -> list[list[Any]]:
+        parts = max(1, min(backend.capacity, len(items)))
         size = -(-len(items) // parts)
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    def _many_sync(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+    def _many_sync(self, backend: Backend, items: list[Any], timeout_s: float | None) -> list[Any]:
         deadline = None if timeout_s is None else _monotonic() + timeout_s
-        chunks = self._chunks(items)
+        chunks = self._chunks(backend, items)
         calls = [_Call(SyncWaiter(), deadline) for _ in chunks]
         for call, chunk in zip(calls, chunks, strict=True):
-            self._backend.submit(Task(chunk, call.done, call.check))
+            backend.submit(Task(chunk, call.done, call.check))
         results: list[Any] = []
         for call, chunk in zip(calls, chunks, strict=True):
             remaining = None if deadline is None else deadline - _monotonic()
@@ -535,12 +615,14 @@ class Predictor(Generic[In, Out]):
                 results.extend([Failure(_deadline(timeout_s))] * len(chunk))
         return results
 
-    async def _many_async(self, items: list[Any], timeout_s: float | None) -> list[Any]:
+    async def _many_async(
+        self, backend: Backend, items: list[Any], timeout_s: float | None
+    ) -> list[Any]:
         deadline = None if timeout_s is None else _monotonic() + timeout_s
-        chunks = self._chunks(items)
+        chunks = self._chunks(backend, items)
         calls = [_Call(make_async_waiter(), deadline) for _ in chunks]
         for call, chunk in zip(calls, chunks, strict=True):
-            self._backend.submit(Task(chunk, call.done, call.check))
+            backend.submit(Task(chunk, call.done, call.check))
         results: list[Any] = []
         try:
             for call, chunk in zip(calls, chunks, strict=True):
@@ -561,7 +643,7 @@ class Predictor(Generic[In, Out]):
 
     def __repr__(self) -> str:
         return (
-            f"<Predictor {self.name!r} {self._state.value} on {self._backend.describe()}, "
+            f"<Predictor {self.name!r} {self._state.value} on {self._gen.backend.describe()}, "
             f"{self.signature!r}>"
         )
 

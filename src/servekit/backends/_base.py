@@ -77,6 +77,10 @@ class Backend(ABC):
     def close(self, grace_s: float) -> None:
         """Finish running batches within ``grace_s``, fail queued ones, stop everything."""
 
+    @abstractmethod
+    def clone(self) -> Backend:
+        """A new, unstarted back end with the same settings (used by hot swap)."""
+
     def describe(self) -> str:
         """A short description for reprs and statistics."""
         return type(self).__name__

@@ -32,6 +32,10 @@ class Inline(Backend):
         self._model: Model[Any, Any] | None = None
         self._loop_thread: LoopThread | None = None
 
+    def clone(self) -> Inline:
+        """A new Inline back end."""
+        return Inline()
+
     @property
     def capacity(self) -> int:
         """One batch at a time per calling thread; reported as 1."""

@@ -129,6 +129,10 @@ class Processes(Backend):
         self._wake_r: Connection | None = None
         self._wake_w: Connection | None = None
 
+    def clone(self) -> Processes:
+        """A new, unstarted pool with the same settings."""
+        return Processes(self.n, max_queue=self.max_queue, start_timeout_s=self.start_timeout_s)
+
     @property
     def capacity(self) -> int:
         """``n``: one batch per worker process."""

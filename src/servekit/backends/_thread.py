@@ -59,6 +59,10 @@ class Threads(Backend):
         self._shared: Model[Any, Any] | None = None
         self._run_time_s = 0.0  # moving average of one batch's run time, for retry hints
 
+    def clone(self) -> Threads:
+        """A new, unstarted pool with the same settings."""
+        return Threads(self.n, share_model=self.share_model, max_queue=self.max_queue)
+
     @property
     def capacity(self) -> int:
         """``n``: one batch per thread."""
