@@ -239,3 +239,20 @@ def test_input_that_cannot_be_unpickled_in_the_worker_fails_typed() -> None:
             p.predict(Unloadable())
         assert p.predict(2) == 2
         assert p.backend.restarts == 0  # type: ignore[attr-defined]
+
+
+def test_a_batch_of_same_shape_arrays_travels_stacked_and_comes_back_as_rows() -> None:
+    import numpy as np
+
+    from servekit.backends import _wire
+
+    xs = [np.full(4, i, dtype=np.float32) for i in range(5)]
+    packed = _wire.pack(xs)
+    assert isinstance(packed, _wire.Stacked) and packed.array.shape == (5, 4)
+    mixed = [np.zeros(2), np.zeros(3)]
+    assert _wire.pack(mixed) is mixed
+    with sk.Predictor(lambda b: [x * 2 for x in b], backend=sk.Processes(1)) as p:
+        outs = p.predict_many(xs)
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out, np.full(4, 2 * i, dtype=np.float32))
+        assert out.flags.writeable

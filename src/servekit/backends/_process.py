@@ -250,7 +250,7 @@ class Processes(Backend):
     def _encode(self, task: Task) -> _Queued | None:
         """Pickle a task's items; items that cannot be pickled fail alone."""
         try:
-            return _Queued(task, _wire.encode(list(task.items)))
+            return _Queued(task, _wire.encode(_wire.pack(list(task.items))))
         except Exception:
             pass
         keep: list[int] = []
@@ -272,7 +272,7 @@ class Processes(Backend):
                 outcomes[index] = outcome
             task.done(outcomes)
 
-        return _Queued(Task(items, merge, task.check), _wire.encode(items), keep)
+        return _Queued(Task(items, merge, task.check), _wire.encode(_wire.pack(items)), keep)
 
     def _idle_worker(self) -> _Worker | None:
         for worker in self._workers:
@@ -374,7 +374,7 @@ class Processes(Backend):
                 )
                 task.done(fail_all(len(task.items), error))
             else:
-                task.done(message[1])
+                task.done(_wire.unpack(message[1]))
         self._dispatch_next()
 
     def _on_death(self, worker: _Worker) -> None:
@@ -545,7 +545,7 @@ def _worker_main(conn: Connection, model_blob: bytes) -> None:
                 continue
             if items is None:
                 return
-            outcomes = call_model(model, items, run_coro)  # type: ignore[arg-type]
+            outcomes = call_model(model, _wire.unpack(items), run_coro)  # type: ignore[arg-type]
             _wire.send(conn, _encode_outcomes(outcomes))
     finally:
         if loop is not None:
@@ -555,7 +555,7 @@ def _worker_main(conn: Connection, model_blob: bytes) -> None:
 
 def _encode_outcomes(outcomes: list[Any]) -> _wire.Encoded:
     try:
-        return _wire.encode(("done", outcomes))
+        return _wire.encode(("done", _wire.pack(outcomes)))
     except Exception:
         pass
     # Find what cannot be pickled and replace only that.

@@ -17,14 +17,48 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
+import numpy as np
 
-__all__ = ["Encoded", "encode", "recv", "send"]
+__all__ = ["Encoded", "encode", "pack", "recv", "send", "unpack"]
 
 _COUNT = struct.Struct("<I")
 _SIZE = struct.Struct("<Q")
 #: Buffers smaller than this are copied into the pickle stream instead: a message per
 #: buffer costs a system call each way, more than copying a small buffer does.
 _OUT_OF_BAND_MIN = 64 * 1024
+
+
+@dataclass(slots=True)
+class Stacked:
+    """A list of same-shape numpy arrays, sent as one stacked array.
+
+    Pickling 32 small arrays one by one costs ~75 µs (numpy's reduce, per array);
+    stacking them costs ~15 µs and pickles as a single buffer. The receiver gets a list
+    of rows of one array, which is what a batch of arrays is on the other side anyway.
+    """
+
+    array: np.ndarray[Any, Any]
+
+
+def pack(values: list[Any]) -> Any:
+    """``values``, or a :class:`Stacked` when they are same-shape, same-dtype arrays."""
+    if len(values) < 2:
+        return values
+    first = values[0]
+    if type(first) is not np.ndarray or first.dtype.hasobject:
+        return values
+    shape, dtype = first.shape, first.dtype
+    for value in values:
+        if type(value) is not np.ndarray or value.shape != shape or value.dtype != dtype:
+            return values
+    return Stacked(np.stack(values))
+
+
+def unpack(packed: Any) -> Any:
+    """The list :func:`pack` was given (rows of one array for a :class:`Stacked`)."""
+    if type(packed) is Stacked:
+        return list(packed.array)
+    return packed
 
 
 @dataclass(slots=True)
