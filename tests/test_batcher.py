@@ -764,3 +764,17 @@ async def test_bq11_cancel_during_execution_is_visible_to_the_batch_function() -
     assert seen == {"kept": False, "other": False, "gone": True}
     assert results == {"kept": "KEPT", "other": "OTHER"}
     assert sk.is_cancelled("gone") is False  # outside a batch: nothing to ask about
+
+
+def test_caller_threads_of_a_batch_are_all_woken_even_if_one_left() -> None:
+    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    with batcher, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(batcher.submit, i) for i in range(3)]
+        leaver = pool.submit(batcher.submit, "leaves", timeout_s=1.0)
+        futures += [pool.submit(batcher.submit, i) for i in range(3, 6)]
+        _wait_running(batcher)
+        with pytest.raises(sk.DeadlineExceeded):
+            leaver.result(timeout=5)  # its batch is running; it leaves at its deadline
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == list(range(6))
+    assert sorted(map(str, calls[0])) == sorted(map(str, [*range(6), "leaves"]))

@@ -152,6 +152,7 @@ class _Pending:
     size: int = 1  # cost against max_batch_size (size_fn), 1 when counting items
     seq: int = 0  # batches formed before this item arrived, for the starvation bound
     queued: bool = True  # True while in its priority level's queue
+    chain: Any = None  # the next sync caller of the same batch, woken by this one
     settled: bool = False  # set once, with outcome, under the Batcher's lock
     outcome: Any = None  # the output, or a Failure
 
@@ -446,6 +447,8 @@ class Batcher(Generic[In, Out]):
         record = self._enqueue(x, timeout_s, waiter, priority)
         if not waiter.wait(timeout_s):
             self._give_up(record, _deadline_error(timeout_s), expired=True)
+        if record.chain is not None:
+            record.chain.wake()
         return record.outcome
 
     def _outcomes(self, xs: Iterable[Any], timeout_s: float | None, priority: int) -> list[Any]:
@@ -471,6 +474,8 @@ class Batcher(Generic[In, Out]):
             assert isinstance(record.waiter, SyncWaiter)
             if not record.waiter.wait(remaining):
                 self._give_up(record, _deadline_error(timeout_s), expired=True)
+            if record.chain is not None:
+                record.chain.wake()
             outcomes.append(record.outcome)
         return outcomes
 
@@ -793,7 +798,23 @@ class Batcher(Generic[In, Out]):
                 else:
                     self._succeeded += 1
                 woken.append(record)
-        wake_all([record.waiter for record in woken])
+            # Caller threads are woken in a chain: the slot wakes the first, each wakes
+            # the next as it returns, so they queue for the GIL one at a time instead of
+            # all at once (a herd that also starves the slot of the GIL). Linked under
+            # the lock, so a caller that times out meanwhile still sees its successor.
+            others: list[Any] = []
+            head: Any = None
+            for record in reversed(woken):
+                waiter = record.waiter
+                if type(waiter) is SyncWaiter:
+                    record.chain = head
+                    head = waiter
+                else:
+                    others.append(waiter)
+        if head is not None:
+            head.wake()
+        if others:
+            wake_all(others)
 
     # -- accounting ------------------------------------------------------------------
 
