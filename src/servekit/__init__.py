@@ -28,16 +28,23 @@ from .backends import Backend as Backend
 from .backends import Inline as Inline
 from .backends import Processes as Processes
 from .backends import Threads as Threads
+from .errors import ArtifactIntegrityError as ArtifactIntegrityError
+from .errors import ArtifactLoadError as ArtifactLoadError
 from .errors import BatchContractError as BatchContractError
 from .errors import Cancelled as Cancelled
 from .errors import Closed as Closed
 from .errors import DeadlineExceeded as DeadlineExceeded
 from .errors import InvalidInput as InvalidInput
+from .errors import InvalidMetadata as InvalidMetadata
+from .errors import InvalidModelName as InvalidModelName
 from .errors import ModelError as ModelError
 from .errors import ModelLoadError as ModelLoadError
+from .errors import ModelNotFound as ModelNotFound
 from .errors import Overloaded as Overloaded
 from .errors import SerializationError as SerializationError
 from .errors import ServekitError as ServekitError
+from .errors import UnsafeArtifactError as UnsafeArtifactError
+from .errors import VersionInUse as VersionInUse
 from .errors import WorkerCrashed as WorkerCrashed
 from .metrics import LatencySummary as LatencySummary
 
@@ -48,6 +55,13 @@ _logging.getLogger("servekit").addHandler(_logging.NullHandler())
 
 __all__ = sorted(
     [
+        "ArtifactIntegrityError",
+        "ArtifactLoadError",
+        "InvalidMetadata",
+        "InvalidModelName",
+        "ModelNotFound",
+        "UnsafeArtifactError",
+        "VersionInUse",
         "Array",
         "Backend",
         "BatchContractError",

@@ -17,7 +17,15 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── Closed                           the predictor is closing or closed
     ├── Cancelled                        the request was cancelled before it finished
     ├── WorkerCrashed                    the worker process running the request died
-    └── SerializationError               an input or output could not cross a process boundary
+    ├── SerializationError               an input or output could not cross a process boundary
+    │   the model store (servekit.registry):
+    ├── UnsafeArtifactError              refused to unpickle: not trusted, or outside the store
+    ├── ArtifactIntegrityError           bytes differ from their sha256, or a bad manifest
+    ├── ArtifactLoadError                verified bytes that could not be unpickled
+    ├── ModelNotFound (LookupError)      no such model, version or alias
+    ├── InvalidModelName (ValueError)    a name, alias or reference breaks the naming rule
+    ├── InvalidMetadata (ValueError)     metadata that cannot be stored as JSON
+    └── VersionInUse                     delete refused: aliases still point at the version
 
 All errors pickle with their attributes, so they cross process boundaries intact.
 """
@@ -27,16 +35,23 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ArtifactIntegrityError",
+    "ArtifactLoadError",
     "BatchContractError",
     "Cancelled",
     "Closed",
     "DeadlineExceeded",
     "InvalidInput",
+    "InvalidMetadata",
+    "InvalidModelName",
     "ModelError",
     "ModelLoadError",
+    "ModelNotFound",
     "Overloaded",
     "SerializationError",
     "ServekitError",
+    "UnsafeArtifactError",
+    "VersionInUse",
     "WorkerCrashed",
 ]
 
@@ -172,3 +187,91 @@ class SerializationError(ServekitError):
     """An input or output of this item could not be pickled to cross a process boundary."""
 
     code = "serialization_error"
+
+
+class UnsafeArtifactError(ServekitError):
+    """servekit refused to unpickle an artifact, before reading a byte of it.
+
+    Unpickling runs arbitrary code, so an artifact is only loaded when its sha256 is
+    pinned or the caller passed ``trusted=True``; a path that leaves the store's root
+    (through ``..`` or a symlink) is refused too.
+
+    >>> UnsafeArtifactError("refused").code
+    'unsafe_artifact'
+    """
+
+    code = "unsafe_artifact"
+
+
+class ArtifactIntegrityError(ServekitError):
+    """The artifact's bytes do not match the sha256 they were pinned to, or its manifest
+    is unreadable. Nothing was unpickled.
+
+    >>> ArtifactIntegrityError("sha256 mismatch").code
+    'artifact_integrity'
+    """
+
+    code = "artifact_integrity"
+
+
+class ArtifactLoadError(ServekitError):
+    """The artifact's bytes were verified, but unpickling them failed (a module it needs is
+    missing, or it was written by an incompatible library version). ``__cause__`` holds
+    the original exception.
+
+    >>> ArtifactLoadError("No module named 'sklearn'").code
+    'artifact_load_failed'
+    """
+
+    code = "artifact_load_failed"
+
+
+class ModelNotFound(ServekitError, LookupError):
+    """No model, version or alias matches the reference.
+
+    >>> isinstance(ModelNotFound("churn:9"), LookupError)
+    True
+    """
+
+    code = "model_not_found"
+
+
+class InvalidModelName(ServekitError, ValueError):
+    """A model name, alias or reference does not follow the naming rule (see
+    :func:`validate_name`).
+
+    >>> isinstance(InvalidModelName("bad name"), ValueError)
+    True
+    """
+
+    code = "invalid_model_name"
+
+
+class InvalidMetadata(ServekitError, ValueError):
+    """Metadata given to ``save`` cannot be stored as JSON (a set, an object, a NaN,
+    a non-string key).
+
+    >>> InvalidMetadata("metadata['x']: set is not JSON").code
+    'invalid_metadata'
+    """
+
+    code = "invalid_metadata"
+
+
+class VersionInUse(ServekitError):
+    """``delete`` refused to remove a version that aliases point at.
+
+    ``aliases`` names them; move or remove them first, or pass ``force=True``.
+
+    >>> VersionInUse("in use", aliases=("champion",)).aliases
+    ('champion',)
+    """
+
+    code = "version_in_use"
+
+    def __init__(self, message: str, *, aliases: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.aliases = tuple(aliases)
+
+    def _state(self) -> dict[str, Any]:
+        return {"aliases": self.aliases}
