@@ -144,3 +144,20 @@ def test_swap_to_a_function_and_the_new_signature() -> None:
         assert p.predict("41") == 42  # the new signature validates and converts
         with pytest.raises(sk.InvalidInput):
             p.predict("forty-one")
+
+
+def test_swap_to_a_store_reference_records_the_version(tmp_path: Any) -> None:
+    from servekit.registry import ModelStore
+
+    store = ModelStore(tmp_path)
+    store.save("tagged", Tagged("v1"))
+    store.save("tagged", Tagged("v2"))
+    store.set_alias("tagged", "champion", 1)
+    with sk.Predictor(store.load("tagged@champion"), version="tagged:1") as p:
+        assert p.version == "tagged:1"
+        store.set_alias("tagged", "champion", 2)
+        p.swap("tagged@champion", store=store)
+        assert p.version == "tagged:2"
+        assert p.predict(1) == ("v2", 1)
+        with pytest.raises(TypeError, match="needs store"):
+            p.swap("tagged@champion")

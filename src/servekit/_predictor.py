@@ -71,6 +71,8 @@ class PredictorStatistics:
     in_flight: int
     #: End-to-end latency of recent calls (one observation per call).
     latency: LatencySummary
+    #: What the served model is (see :attr:`Predictor.version`), or None.
+    version: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -85,6 +87,7 @@ class _Generation:
     signature: Signature
     validate: bool
     inline: Inline | None  # the back end, when it is Inline: called directly
+    version: str | None = None  # what the model is, e.g. the store reference "churn:3"
     active: int = 0
     retired: bool = False
 
@@ -148,6 +151,7 @@ class Predictor(Generic[In, Out]):
         validate: bool = True,
         name: str | None = None,
         per_item: bool = False,
+        version: str | None = None,
     ) -> None:
         if per_item and isinstance(model, Model):
             raise TypeError("per_item=True applies to plain functions, not to a Model instance")
@@ -155,7 +159,7 @@ class Predictor(Generic[In, Out]):
         #: The :class:`~servekit.Batcher` gathering concurrent requests, if any.
         self.batcher = batcher
         self._validate_inputs = validate
-        self._gen = self._generation(first, backend if backend is not None else Inline())
+        self._gen = self._generation(first, backend if backend is not None else Inline(), version)
         #: The predictor's name (default: the model's name).
         self.name: str = name or first.model_name
         if batcher is not None:
@@ -173,7 +177,9 @@ class Predictor(Generic[In, Out]):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def _generation(self, model: Model[Any, Any], backend: Backend) -> _Generation:
+    def _generation(
+        self, model: Model[Any, Any], backend: Backend, version: str | None = None
+    ) -> _Generation:
         signature = model.signature()
         runnable = model
         if self.batcher is not None and self.batcher.collate is not None:
@@ -181,7 +187,7 @@ class Predictor(Generic[In, Out]):
             runnable = CollatedModel(model, self.batcher.collate)
         inline = backend if isinstance(backend, Inline) else None
         validate = self._validate_inputs and signature.validates
-        return _Generation(model, backend, runnable, signature, validate, inline)
+        return _Generation(model, backend, runnable, signature, validate, inline, version)
 
     @property
     def model(self) -> Model[In, Out]:
@@ -192,6 +198,12 @@ class Predictor(Generic[In, Out]):
     def backend(self) -> Backend:
         """The execution back end."""
         return self._gen.backend
+
+    @property
+    def version(self) -> str | None:
+        """What the served model is (``version=`` or the store reference it was swapped
+        to, e.g. ``"churn:3"``); None when not given."""
+        return self._gen.version
 
     @property
     def signature(self) -> Signature:
@@ -271,10 +283,20 @@ class Predictor(Generic[In, Out]):
         """Async twin of :meth:`close` (drains on a worker thread, not the loop)."""
         await anyio.to_thread.run_sync(self.close, grace_s)
 
-    def swap(self, model: Model[Any, Any] | Any, *, grace_s: float = 30.0) -> None:
+    def swap(
+        self,
+        model: Model[Any, Any] | Any,
+        *,
+        store: Any = None,
+        version: str | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
         """Replace the model without dropping a request.
 
-        The new model (a Model or a function) is loaded on a fresh back end of the same
+        ``model`` is a Model or a function, or a reference such as ``"churn@champion"``
+        loaded from ``store`` (a :class:`~servekit.registry.ModelStore`); ``version``
+        (default: the resolved ``name:version`` of a reference) becomes
+        :attr:`version`. The new model is loaded on a fresh back end of the same
         kind and settings; if its ``load()`` fails, :class:`~servekit.ModelLoadError` is
         raised and the old model keeps serving. Then new requests (and new batches) go
         to the new model, while requests already running on the old one finish there
@@ -282,11 +304,17 @@ class Predictor(Generic[In, Out]):
         no batch mixes the two models. The signature becomes the new model's for
         requests that arrive after the switch. One swap runs at a time.
         """
+        if isinstance(model, str):
+            if store is None:
+                raise TypeError(f"swap({model!r}) needs store=ModelStore(...) to load it from")
+            if version is None:
+                version = store.info(model).ref
+            model = store.load(version)
         new_model = as_model(model)
         with self._swap_lock:
             self.start()
             backend = self._gen.backend.clone()
-            gen = self._generation(new_model, backend)
+            gen = self._generation(new_model, backend, version)
             backend.start(gen.runnable)  # loads; on failure the old model keeps serving
             with self._lock:
                 if self._state is not _RUNNING:
@@ -302,9 +330,18 @@ class Predictor(Generic[In, Out]):
                 raise Closed(f"predictor {self.name!r} closed during the swap; nothing changed")
             old.backend.close(max(deadline - _monotonic(), 0.0))
 
-    async def aswap(self, model: Model[Any, Any] | Any, *, grace_s: float = 30.0) -> None:
+    async def aswap(
+        self,
+        model: Model[Any, Any] | Any,
+        *,
+        store: Any = None,
+        version: str | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
         """Async twin of :meth:`swap` (loads and drains on a worker thread, not the loop)."""
-        await anyio.to_thread.run_sync(lambda: self.swap(model, grace_s=grace_s))
+        await anyio.to_thread.run_sync(
+            lambda: self.swap(model, store=store, version=version, grace_s=grace_s)
+        )
 
     def __enter__(self) -> Predictor[In, Out]:
         self.start()
@@ -380,6 +417,7 @@ class Predictor(Generic[In, Out]):
                 errors=self._errors,
                 in_flight=self._in_flight,
                 latency=self._latency.summary(),
+                version=self._gen.version,
             )
 
     # -- one item ------------------------------------------------------------------
