@@ -41,6 +41,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(typing|typing_extensions|collections\.abc|types)\..*"),
     (r"py:.*", r"(threading|multiprocessing|asyncio)\..*"),
+    (r"py:class", r"(os\.PathLike|pathlib\.Path|datetime\.datetime)"),
     (r"py:.*", r"(numpy|pydantic|pydantic_core|anyio|trio)(\..*)?"),
     # Builtin bases shown by :show-inheritance: (InvalidInput is a ValueError, ...).
     (r"py:(class|exc)", r"(Exception|ValueError|TimeoutError)"),
@@ -56,18 +57,43 @@ nitpick_ignore_regex = [
 _PRIVATE = re.compile(r"^servekit\.(?:_\w+|backends(?:\._\w+)?|errors|metrics)\.(\w+)$")
 
 
-def _public_target(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+# The model store's classes live in servekit.registry._store and ._artifact and are
+# documented as servekit.registry.X; their docstrings also name the registry's errors
+# (documented as servekit.X) and its functions without a module.
+_PRIVATE_REGISTRY = re.compile(r"^servekit\.registry\._\w+\.(\w+)$")
+_REGISTRY_MODULES = {"servekit", "servekit.errors", "servekit.registry"}
+
+
+def _public_name(node: Any) -> str | None:
+    """The public name a reference to servekit's private path (or bare name) means."""
+    import servekit.registry
+
     target = node.get("reftarget", "")
     match = _PRIVATE.match(target)
-    if node.get("refdomain") != "py" or match is None:
+    if match is not None and match.group(1) in servekit.__all__:
+        return f"servekit.{match.group(1)}"
+    match = _PRIVATE_REGISTRY.match(target)
+    if match is not None and match.group(1) in servekit.registry.__all__:
+        target = match.group(1)
+    elif "." in target or node.get("py:module") not in _REGISTRY_MODULES:
         return None
-    name = match.group(1)
-    if name not in servekit.__all__:
+    if target in servekit.__all__:
+        return f"servekit.{target}"
+    if target in servekit.registry.__all__:
+        return f"servekit.registry.{target}"
+    return None
+
+
+def _public_target(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    if node.get("refdomain") != "py":
+        return None
+    public = _public_name(node)
+    if public is None:
         return None
     domain = env.get_domain("py")
-    node["reftarget"] = f"servekit.{name}"
+    node["reftarget"] = public
     return domain.resolve_xref(
-        env, node["refdoc"], app.builder, node["reftype"], f"servekit.{name}", node, contnode
+        env, node["refdoc"], app.builder, node["reftype"], public, node, contnode
     )
 
 
