@@ -6,16 +6,8 @@ manifest, or given explicitly) or by saying ``trusted=True``. The hash is comput
 the very bytes that are then unpickled, read into memory once: swapping the file after
 the check changes nothing (no time-of-check/time-of-use gap).
 
-Errors of this subpackage (in :mod:`servekit.errors`, re-exported here)::
-
-    ServekitError
-    ├── UnsafeArtifactError               refused to unpickle: not trusted, or outside the store
-    ├── ArtifactIntegrityError            bytes differ from their sha256, or a bad manifest
-    ├── ArtifactLoadError                 verified bytes that could not be unpickled
-    ├── ModelNotFound (LookupError)       no such model, version or alias
-    ├── InvalidModelName (ValueError)     a name, alias or reference breaks the naming rule
-    ├── InvalidMetadata (ValueError)      metadata that cannot be stored as JSON
-    └── VersionInUse                      delete refused: aliases still point at the version
+The errors raised here live in :mod:`servekit.errors` (its docstring draws the tree)
+and are re-exported by :mod:`servekit.registry`.
 """
 
 from __future__ import annotations
