@@ -23,7 +23,15 @@ def _group(name: str) -> list[str]:
 def tests(session: nox.Session) -> None:
     """Run the test suite (async tests on asyncio and trio)."""
     session.install("-e", ".[trio]", *_group("test"))
-    session.run("pytest", *session.posargs)
+    # tests/integrations needs heavy extras; each integration has its own session.
+    session.run("pytest", "--ignore=tests/integrations", *session.posargs)
+
+
+@nox.session
+def mlflow(session: nox.Session) -> None:
+    """The MLflow integration against a local sqlite registry (not in the default run)."""
+    session.install("-e", ".[mlflow]", *_group("test"))
+    session.run("pytest", "tests/integrations", *session.posargs)
 
 
 @nox.session
