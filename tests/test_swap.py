@@ -161,3 +161,38 @@ def test_swap_to_a_store_reference_records_the_version(tmp_path: Any) -> None:
         assert p.predict(1) == ("v2", 1)
         with pytest.raises(TypeError, match="needs store"):
             p.swap("tagged@champion")
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["direct", "batcher"])
+@pytest.mark.parametrize("backend", ["inline", "threads"])
+def test_each_result_reports_the_version_that_produced_it(backend: str, batched: bool) -> None:
+    batcher = sk.Batcher(max_batch_size=8) if batched else None
+    with sk.Predictor(
+        Tagged("v1"), backend=BACKENDS[backend](), batcher=batcher, version="v1"
+    ) as p:
+        stop = threading.Event()
+        pairs: list[tuple[Any, Any]] = []
+
+        def client() -> None:
+            i = 0
+            while not stop.is_set():
+                pairs.append(p.predict_with_version(i))
+                i += 1
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(client)
+            time.sleep(0.05)
+            p.swap(Tagged("v2"), version="v2")
+            time.sleep(0.05)
+            stop.set()
+    assert {version for _, version in pairs} == {"v1", "v2"}
+    assert all(output[0] == version for output, version in pairs)
+
+
+@pytest.mark.anyio
+async def test_apredict_with_version() -> None:
+    async with sk.Predictor(Tagged("v1"), version="v1", batcher=sk.Batcher()) as p:
+        assert await p.apredict_with_version(3) == (("v1", 3), "v1")
+        await p.aswap(Tagged("v2"), version="v2")
+        assert await p.apredict_with_version(3) == (("v2", 3), "v2")

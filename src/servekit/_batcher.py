@@ -153,6 +153,7 @@ class _Pending:
     seq: int = 0  # batches formed before this item arrived, for the starvation bound
     queued: bool = True  # True while in its priority level's queue
     chain: Any = None  # the next sync caller of the same batch, woken by this one
+    tag: Any = None  # what the attached fn said ran the batch (a Predictor: the version)
     settled: bool = False  # set once, with outcome, under the Batcher's lock
     outcome: Any = None  # the output, or a Failure
 
@@ -437,11 +438,12 @@ class Batcher(Generic[In, Out]):
         ``timeout_s`` passes first, or :class:`~servekit.ModelError` when ``fn`` failed for
         this item.
         """
-        result: Out = _unwrap(self._outcome(x, timeout_s, priority))
+        result: Out = _unwrap(self._outcome(x, timeout_s, priority).outcome)
         return result
 
-    def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
-        """Submit one item and wait: its output, or a Failure (never raises for the item)."""
+    def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> _Pending:
+        """Submit one item and wait; its settled record: ``outcome`` is the output or a
+        Failure (this never raises for the item), ``tag`` what ran it."""
         timeout_s = self._clamp(timeout_s)
         waiter = SyncWaiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
@@ -449,7 +451,7 @@ class Batcher(Generic[In, Out]):
             self._give_up(record, _deadline_error(timeout_s), expired=True)
         if record.chain is not None:
             record.chain.wake()
-        return record.outcome
+        return record
 
     def _outcomes(self, xs: Iterable[Any], timeout_s: float | None, priority: int) -> list[Any]:
         """Submit many items at once, then wait for all: one outcome per item, in order.
@@ -485,7 +487,7 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        result: Out = _unwrap(await self._aoutcome(x, timeout_s, priority))
+        result: Out = _unwrap((await self._aoutcome(x, timeout_s, priority)).outcome)
         return result
 
     async def _aoutcomes(
@@ -521,7 +523,7 @@ class Batcher(Generic[In, Out]):
             raise
         return outcomes
 
-    async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> Any:
+    async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> _Pending:
         """Async twin of :meth:`_outcome`."""
         timeout_s = self._clamp(timeout_s)
         if timeout_s is None:
@@ -539,7 +541,7 @@ class Batcher(Generic[In, Out]):
                 except BaseException:
                     self._give_up(record, Cancelled("the caller was cancelled"))
                     raise
-                return record.outcome
+                return record
         waiter = make_async_waiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         try:
@@ -549,7 +551,7 @@ class Batcher(Generic[In, Out]):
             raise
         if not woken:
             self._give_up(record, _deadline_error(timeout_s), expired=True)
-        return record.outcome
+        return record
 
     def _enqueue(
         self,
@@ -610,9 +612,10 @@ class Batcher(Generic[In, Out]):
             return timeout_s
         return self.max_timeout_s if timeout_s is None else min(timeout_s, self.max_timeout_s)
 
-    def _attach(self, fn: Callable[[list[Any]], list[Any]], slots: int) -> None:
+    def _attach(self, fn: Callable[[list[Any]], tuple[list[Any], Any]], slots: int) -> None:
         """Make this Batcher feed a Predictor: ``fn`` runs a batch on its back end and
-        returns per-item outcomes; one slot per back-end worker unless set explicitly."""
+        returns per-item outcomes and a tag (the version that ran them); one slot per
+        back-end worker unless set explicitly."""
         with self._lock:
             if self._fn is not None or self._state != _NEW:
                 raise ValueError(
@@ -758,9 +761,11 @@ class Batcher(Generic[In, Out]):
         items = [record.item for record in batch]
         started = _monotonic()
         _running_batch.records = batch
+        tag: Any = None
         try:
             if self._fn_isolates:
-                outcomes = fn(items)  # a Predictor's back end: outcomes already per item
+                # A Predictor's back end: outcomes already per item, and what ran them.
+                outcomes, tag = fn(items)
             elif loop is None:
                 outcomes = run_batch(fn, items)
             else:
@@ -793,6 +798,7 @@ class Batcher(Generic[In, Out]):
                     continue  # its caller gave up while the batch ran: the result is dropped
                 record.settled = True
                 record.outcome = outcome
+                record.tag = tag
                 if type(outcome) is Failure:
                     self._failed += 1
                 else:

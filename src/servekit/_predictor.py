@@ -431,14 +431,27 @@ class Predictor(Generic[In, Out]):
         :class:`~servekit.Closed`, or :class:`~servekit.WorkerCrashed`. ``priority``
         orders queued requests when the predictor has a batcher (lower first).
         """
+        return self._predict(x, timeout_s, priority)[0]
+
+    def predict_with_version(
+        self, x: In, *, timeout_s: float | None = None, priority: int = 0
+    ) -> tuple[Out, str | None]:
+        """Like :meth:`predict`, and also the :attr:`version` of the model that produced
+        the output (exact across a :meth:`swap`: the model that ran it, not the one
+        serving when the call returned)."""
+        return self._predict(x, timeout_s, priority)
+
+    def _predict(self, x: Any, timeout_s: float | None, priority: int) -> tuple[Out, str | None]:
         if self._gen.validate:
             x = self._checked(x)
         gen = self._admit(1)
         started = _perf_counter()
         outcome: Any = None
+        version = gen.version
         try:
             if self.batcher is not None:
-                outcome = self.batcher._outcome(x, timeout_s, priority)
+                record = self.batcher._outcome(x, timeout_s, priority)
+                outcome, version = record.outcome, record.tag
             elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
@@ -448,10 +461,21 @@ class Predictor(Generic[In, Out]):
         except BaseException:
             self._finish(1, 1, started, gen)
             raise
-        return self._settle(outcome, started, gen)
+        return self._settle(outcome, started, gen), version
 
     async def apredict(self, x: In, *, timeout_s: float | None = None, priority: int = 0) -> Out:
         """Async twin of :meth:`predict`; cancelling the caller drops its request."""
+        return (await self._apredict(x, timeout_s, priority))[0]
+
+    async def apredict_with_version(
+        self, x: In, *, timeout_s: float | None = None, priority: int = 0
+    ) -> tuple[Out, str | None]:
+        """Async twin of :meth:`predict_with_version`."""
+        return await self._apredict(x, timeout_s, priority)
+
+    async def _apredict(
+        self, x: Any, timeout_s: float | None, priority: int
+    ) -> tuple[Out, str | None]:
         if self._gen.validate:
             x = self._checked(x)
         if self._state is _NEW:
@@ -459,9 +483,11 @@ class Predictor(Generic[In, Out]):
         gen = self._admit(1)
         started = _perf_counter()
         outcome: Any = None
+        version = gen.version
         try:
             if self.batcher is not None:
-                outcome = await self.batcher._aoutcome(x, timeout_s, priority)
+                record = await self.batcher._aoutcome(x, timeout_s, priority)
+                outcome, version = record.outcome, record.tag
             elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
                     raise _deadline(timeout_s)
@@ -471,7 +497,7 @@ class Predictor(Generic[In, Out]):
         except BaseException:
             self._finish(1, 1, started, gen)
             raise
-        return self._settle(outcome, started, gen)
+        return self._settle(outcome, started, gen), version
 
     def _checked(self, x: Any) -> Any:
         try:
@@ -489,8 +515,9 @@ class Predictor(Generic[In, Out]):
         result: Out = outcome
         return result
 
-    def _run_batch(self, items: list[Any]) -> list[Any]:
-        """The batcher's function: run one formed batch on the back end, wait, return outcomes.
+    def _run_batch(self, items: list[Any]) -> tuple[list[Any], str | None]:
+        """The batcher's function: run one formed batch on the back end, wait, return its
+        outcomes and the version that produced them.
 
         Runs on a batcher slot thread; the batcher has already dropped cancelled and
         expired items, so the task carries no check. The batch runs whole on the
@@ -501,15 +528,15 @@ class Predictor(Generic[In, Out]):
             gen.active += 1
         try:
             if gen.inline is not None:
-                return gen.inline.run(items)
+                return gen.inline.run(items), gen.version
             call = _Call(SyncWaiter(), None)
             try:
                 gen.backend.submit(Task(items, call.done))
             except (Overloaded, Closed) as exc:
-                return [Failure(exc)] * len(items)
+                return [Failure(exc)] * len(items), gen.version
             call.waiter.wait(None)
             assert call.outcomes is not None
-            return call.outcomes
+            return call.outcomes, gen.version
         finally:
             with self._lock:
                 gen.active -= 1
