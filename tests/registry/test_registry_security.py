@@ -13,6 +13,7 @@ from servekit.registry import (
     ArtifactIntegrityError,
     InvalidModelName,
     ModelStore,
+    UnpinnedArtifactWarning,
     UnsafeArtifactError,
     _artifact,
     _store,
@@ -85,7 +86,8 @@ def test_untrusted_artifact_is_refused_before_it_is_read(
 def test_trusted_artifact_loads_which_proves_the_fixture_is_real(
     evil_file: Path, sentinel: Path
 ) -> None:
-    load_artifact(evil_file, trusted=True)
+    with pytest.warns(UnpinnedArtifactWarning, match="no sha256"):
+        load_artifact(evil_file, trusted=True)
     assert sentinel.is_dir()
 
 
@@ -109,7 +111,8 @@ def test_resolve_name_gadget_is_refused_like_any_pickle(tmp_path: Path, sentinel
     with pytest.raises(ArtifactIntegrityError):
         load_artifact(path, sha256="0" * 64)
     assert not sentinel.exists()
-    load_artifact(path, trusted=True)  # the gadget is real
+    with pytest.warns(UnpinnedArtifactWarning):
+        load_artifact(path, trusted=True)  # the gadget is real
     assert sentinel.is_dir()
 
 
@@ -117,7 +120,7 @@ def test_load_artifact_round_trip_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "ok.pkl"
     path.write_bytes(pickle.dumps({"w": [1, 2]}))
     assert load_artifact(path, sha256=sha256_of(path.read_bytes())) == {"w": [1, 2]}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError), pytest.warns(UnpinnedArtifactWarning):
         load_artifact(tmp_path / "missing.pkl", trusted=True)
 
 

@@ -21,6 +21,7 @@ from ._artifact import ArtifactLoadError as ArtifactLoadError
 from ._artifact import InvalidMetadata as InvalidMetadata
 from ._artifact import InvalidModelName as InvalidModelName
 from ._artifact import ModelNotFound as ModelNotFound
+from ._artifact import UnpinnedArtifactWarning as UnpinnedArtifactWarning
 from ._artifact import UnsafeArtifactError as UnsafeArtifactError
 from ._artifact import VersionInUse as VersionInUse
 from ._artifact import load_artifact as load_artifact
@@ -39,6 +40,7 @@ __all__ = sorted(
         "ModelInfo",
         "ModelNotFound",
         "ModelStore",
+        "UnpinnedArtifactWarning",
         "UnsafeArtifactError",
         "VersionInUse",
         "load_artifact",

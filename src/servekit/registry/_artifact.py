@@ -17,6 +17,7 @@ import hmac
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidMetadata",
     "InvalidModelName",
     "ModelNotFound",
+    "UnpinnedArtifactWarning",
     "UnsafeArtifactError",
     "VersionInUse",
     "load_artifact",
@@ -52,6 +54,11 @@ __all__ = [
 # are ordinary directory names and stay allowed (RELIABILITY.md SEC-05).
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class UnpinnedArtifactWarning(UserWarning):
+    """``load_artifact(..., trusted=True)`` without a ``sha256``: the load goes ahead, but
+    nothing pins what the pickle will run."""
 
 
 def validate_name(name: object, *, kind: str = "model name") -> str:
@@ -164,6 +171,15 @@ def load_artifact(
         model = load_artifact("my_own.pkl", trusted=True)
     """
     where = Path(path)
+    if sha256 is None and trusted:
+        # Allowed, but loud (RELIABILITY.md SEC-01): nothing pins what will run. Silence
+        # it with warnings.filterwarnings("ignore", category=UnpinnedArtifactWarning).
+        warnings.warn(
+            f"loading {where} with trusted=True and no sha256: nothing pins its contents; "
+            "pass sha256= to make sure the file is the one you trust",
+            UnpinnedArtifactWarning,
+            stacklevel=2,
+        )
     if sha256 is None and not trusted:
         raise UnsafeArtifactError(
             f"refusing to unpickle {where}: loading a pickle runs code from the file. "
