@@ -778,3 +778,73 @@ def test_caller_threads_of_a_batch_are_all_woken_even_if_one_left() -> None:
         release.set()
         assert [f.result(timeout=5) for f in futures] == list(range(6))
     assert sorted(map(str, calls[0])) == sorted(map(str, [*range(6), "leaves"]))
+
+
+# -- a lone item runs on its caller's thread --------------------------------------------
+
+
+def _where(batch: list[Any]) -> list[Any]:
+    return [threading.current_thread().name for _ in batch]
+
+
+def test_a_lone_sync_caller_runs_its_batch_on_its_own_thread() -> None:
+    with sk.Batcher(_where) as batcher:
+        assert batcher.submit(1) == threading.current_thread().name
+        stats = batcher.statistics()
+        assert (stats.batches, stats.items, stats.succeeded) == (1, 1, 1)
+    with sk.Batcher(_where, inline_max_s=0) as batcher:  # turned off: a slot runs it
+        assert batcher.submit(1).startswith("servekit-batcher-")
+
+
+def test_while_a_caller_runs_its_own_batch_others_queue_and_a_slot_takes_them() -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    ran_on: dict[str, str] = {}
+
+    def fn(batch: list[str]) -> list[str]:
+        if "first" in batch:
+            entered.set()
+            release.wait()
+        ran_on.update({x: threading.current_thread().name for x in batch})
+        return batch
+
+    with sk.Batcher(fn, max_batch_size=8) as batcher, ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.submit, "first")
+        assert entered.wait(5)
+        assert batcher.statistics().running_batches == 1  # the caller holds the one slot
+        later = [pool.submit(batcher.submit, f"later{i}") for i in range(3)]
+        _wait_depth(batcher, 3)  # queued: no second batch while the slot is held
+        release.set()
+        assert first.result(timeout=5) == "first"
+        assert [f.result(timeout=5) for f in later] == ["later0", "later1", "later2"]
+    assert ran_on["first"] != ran_on["later0"]
+    assert ran_on["later0"].startswith("servekit-batcher-")
+
+
+@pytest.mark.anyio
+async def test_an_event_loop_runs_a_lone_item_only_for_a_fast_model() -> None:
+    loop_thread = threading.current_thread().name
+    async with sk.Batcher(_where) as fast:
+        first = await fast.asubmit(1)  # no batch timed yet: a slot runs it
+        assert first.startswith("servekit-batcher-")
+        assert await fast.asubmit(2) == loop_thread  # fast and idle: run right here
+
+    def slow(batch: list[Any]) -> list[Any]:
+        time.sleep(0.005)  # above inline_max_s: never held on the loop
+        return _where(batch)
+
+    async with sk.Batcher(slow) as batcher:
+        for i in range(3):
+            assert (await batcher.asubmit(i)).startswith("servekit-batcher-")
+
+
+@pytest.mark.anyio
+async def test_a_predictor_on_threads_never_runs_a_batch_on_the_loop() -> None:
+    def where(batch: list[int]) -> list[str]:
+        return _where(batch)
+
+    loop_thread = threading.current_thread().name
+    batcher = sk.Batcher()
+    async with sk.Predictor(where, backend=sk.Threads(1), batcher=batcher) as p:
+        for i in range(5):
+            assert await p.apredict(i) != loop_thread

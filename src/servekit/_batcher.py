@@ -46,6 +46,9 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
 
+import anyio
+import anyio.lowlevel
+
 from ._collate import Collate, acollated, collated
 from ._outcome import Failure, arun_batch, run_batch, to_model_error
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
@@ -72,6 +75,16 @@ _DEFAULT_RETRY_AFTER_S = 0.05
 _EWMA_ALPHA = 0.2
 
 _names = iter(range(1, 1 << 62))
+
+
+class _NoWaiter:
+    """The waiter of an item its own caller runs: nobody waits to be woken."""
+
+    def wake(self) -> None:
+        """Nothing to wake."""
+
+
+_NO_WAITER = _NoWaiter()
 
 # The batch a slot thread is running, for is_cancelled(); None outside a batch.
 _running_batch = threading.local()
@@ -235,6 +248,7 @@ class Batcher(Generic[In, Out]):
         starvation_bound: int = 8,
         max_timeout_s: float | None = None,
         collate: Collate | None = None,
+        inline_max_s: float = 0.001,
         name: str | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -272,10 +286,18 @@ class Batcher(Generic[In, Out]):
         self.starvation_bound: int = starvation_bound
         #: How items become the model's batch (default: a list); see :class:`~servekit.Stack`.
         self.collate = collate
+        #: A lone item (nothing queued, a slot free) runs on its caller's own thread, with
+        #: no hand-off, when recent batches took at most this long (0 turns it off).
+        self.inline_max_s = inline_max_s
         #: The longest a request may wait: a larger (or no) ``timeout_s`` is cut to it.
         self.max_timeout_s = max_timeout_s
         # True when fn returns outcomes already isolated per item (a Predictor's back end).
         self._fn_isolates = False
+        # Whether fn may run on an event loop's thread (it does not block on other
+        # threads); a Predictor says so for its Inline back end.
+        self._fn_loop_safe = True
+        self._run_fn: Callable[[list[Any]], Any] | None = None  # fn as the slots run it
+        self._inline_ok = False  # decided at start: a sync fn, no wait_for_full
         #: The name used in thread names and messages.
         self.name: str = name or f"{getattr(fn, '__name__', 'batcher')}-{next(_names)}"
         self._lock = threading.Lock()
@@ -331,6 +353,8 @@ class Batcher(Generic[In, Out]):
         )
         if self.collate is not None and not self._fn_isolates:
             fn = acollated(fn, self.collate) if is_async else collated(fn, self.collate)
+        self._run_fn = fn
+        self._inline_ok = not is_async and not self.wait_for_full and self.inline_max_s > 0
         for index in range(self.max_concurrent_batches):
             thread = threading.Thread(
                 target=self._work,
@@ -400,8 +424,6 @@ class Batcher(Generic[In, Out]):
 
     async def aclose(self, grace_s: float = 30.0) -> None:
         """Async twin of :meth:`close` (waits on a worker thread, not on the loop)."""
-        import anyio  # a dependency of servekit; imported here to keep import time low
-
         await anyio.to_thread.run_sync(self.close, grace_s)
 
     def __enter__(self) -> Batcher[In, Out]:
@@ -445,6 +467,10 @@ class Batcher(Generic[In, Out]):
         """Submit one item and wait; its settled record: ``outcome`` is the output or a
         Failure (this never raises for the item), ``tag`` what ran it."""
         timeout_s = self._clamp(timeout_s)
+        if timeout_s is None and self._inline_ok:
+            ran = self._run_here(x)
+            if ran is not None:
+                return ran
         waiter = SyncWaiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         if not waiter.wait(timeout_s):
@@ -535,16 +561,22 @@ class Batcher(Generic[In, Out]):
                 # The hot path of asyncio callers: the future is the waiter, awaited
                 # directly (wake_all sets a whole batch's futures in one loop call).
                 future = loop.create_future()
-                record = self._enqueue(x, None, future, priority)
+                alone = self._may_run_on_loop()
+                record = self._enqueue(x, None, future, priority, notify=not alone)
                 try:
+                    if alone and await self._ran_on_loop(record):
+                        return record
                     await future
                 except BaseException:
                     self._give_up(record, Cancelled("the caller was cancelled"))
                     raise
                 return record
         waiter = make_async_waiter()
-        record = self._enqueue(x, timeout_s, waiter, priority)
+        alone = timeout_s is None and self._may_run_on_loop()
+        record = self._enqueue(x, timeout_s, waiter, priority, notify=not alone)
         try:
+            if alone and await self._ran_on_loop(record):
+                return record
             woken = await waiter.wait(timeout_s)
         except BaseException:
             self._give_up(record, Cancelled("the caller was cancelled before its result was ready"))
@@ -559,16 +591,11 @@ class Batcher(Generic[In, Out]):
         timeout_s: float | None,
         waiter: Waiter | asyncio.Future[None],
         priority: int = 0,
+        *,
+        notify: bool = True,
     ) -> _Pending:
-        size = 1
+        size = 1 if self.size_fn is None else self._size_of(x)
         key: Hashable = None
-        if self.size_fn is not None:
-            size = int(self.size_fn(x))
-            if size > self.max_batch_size:
-                raise InvalidInput(
-                    f"this item's size is {size}, more than the batch budget "
-                    f"max_batch_size={self.max_batch_size}; split it into smaller requests"
-                )
         if self.group_key is not None:
             key = self.group_key(x)
         if self.collate is not None:
@@ -601,10 +628,90 @@ class Batcher(Generic[In, Out]):
             level.append(record)
             self._depth += 1
             self._cost += size
-            if self._waiting:
+            if self._waiting and notify:
                 # Condition.notify costs ~0.5 µs even with nobody waiting; under load
                 # every worker is busy, so most submissions skip it.
                 self._ready.notify()
+        return record
+
+    def _size_of(self, x: Any) -> int:
+        """``size_fn(x)``, refused with InvalidInput when one item exceeds the budget."""
+        assert self.size_fn is not None
+        size = int(self.size_fn(x))
+        if size > self.max_batch_size:
+            raise InvalidInput(
+                f"this item's size is {size}, more than the batch budget "
+                f"max_batch_size={self.max_batch_size}; split it into smaller requests"
+            )
+        return size
+
+    def _may_run_on_loop(self) -> bool:
+        """Whether an event-loop caller may run its item itself, if it stays alone.
+
+        Only for a function that does not block on other threads, while recent batches
+        took at most ``inline_max_s``, and while nothing is queued or running (an
+        unlocked read: a hint, checked again under the lock by :meth:`_ran_on_loop`).
+        """
+        return (
+            self._inline_ok
+            and self._fn_loop_safe
+            and 0.0 < self._batch_s <= self.inline_max_s
+            and not self._depth
+            and self._running < self.max_concurrent_batches
+        )
+
+    async def _ran_on_loop(self, record: _Pending) -> bool:
+        """Let the loop's other ready callers queue first; if ``record`` is then still
+        alone, run it here and return True. Otherwise make sure a slot takes it.
+
+        Queued callers of one loop arrive one after another, never at once: deciding at
+        submission would run every item alone, one by one, and never form a batch. One
+        pass of the loop lets them all queue, so only a truly lone item runs here.
+        """
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            if (
+                record.queued
+                and self._depth == 1
+                and self._state == _OPEN
+                and self._running < self.max_concurrent_batches
+            ):
+                self._levels[record.priority].remove(record)
+                self._depth -= 1
+                self._cost -= record.size
+                record.queued = False
+                record.waiter = _NO_WAITER
+                self._running += 1  # this caller holds a slot until _run gives it back
+                stolen = True
+            else:
+                stolen = False
+                if self._waiting and self._depth:
+                    self._ready.notify()  # it was queued without waking a slot
+        if stolen:
+            assert self._run_fn is not None
+            self._run(self._run_fn, None, [record])
+        return stolen
+
+    def _run_here(self, x: Any) -> _Pending | None:
+        """Run a lone item on the calling thread, if nothing else is waiting or running.
+
+        A thread hand-off costs two wake-ups (tens of microseconds each on a busy or
+        virtual machine), more than many models take; when the batcher is idle there is
+        no batch to join anyway, so the caller runs its own batch of one (its thread
+        would only wait otherwise). Under load items queue as usual.
+        """
+        if self._depth or self._running >= self.max_concurrent_batches:
+            return None  # busy (an unlocked read, only a hint: checked again below)
+        if self.size_fn is not None:
+            self._size_of(x)  # the same refusal a queued item would get
+        with self._lock:
+            if self._state != _OPEN or self._depth or self._running >= self.max_concurrent_batches:
+                return None
+            self._running += 1  # this thread holds a slot until _run gives it back
+        record = _Pending(x, None, _monotonic(), _NO_WAITER)
+        record.queued = False
+        assert self._run_fn is not None
+        self._run(self._run_fn, None, [record])
         return record
 
     def _clamp(self, timeout_s: float | None) -> float | None:
@@ -612,7 +719,13 @@ class Batcher(Generic[In, Out]):
             return timeout_s
         return self.max_timeout_s if timeout_s is None else min(timeout_s, self.max_timeout_s)
 
-    def _attach(self, fn: Callable[[list[Any]], tuple[list[Any], Any]], slots: int) -> None:
+    def _attach(
+        self,
+        fn: Callable[[list[Any]], tuple[list[Any], Any]],
+        slots: int,
+        *,
+        loop_safe: bool = False,
+    ) -> None:
         """Make this Batcher feed a Predictor: ``fn`` runs a batch on its back end and
         returns per-item outcomes and a tag (the version that ran them); one slot per
         back-end worker unless set explicitly."""
@@ -624,6 +737,7 @@ class Batcher(Generic[In, Out]):
                 )
             self._fn = fn
             self._fn_isolates = True
+            self._fn_loop_safe = loop_safe
             if not self._slots_given:
                 self.max_concurrent_batches = slots
 
@@ -686,7 +800,7 @@ class Batcher(Generic[In, Out]):
         condition, never polls.
         """
         while True:
-            if self._depth:
+            if self._depth and self._running < self.max_concurrent_batches:
                 if self.wait_for_full and self._state == _OPEN and self._cost < self.max_batch_size:
                     oldest = min(level[0].enqueued for level in self._levels.values() if level)
                     remaining = oldest + self.max_wait_s - _monotonic()
@@ -781,6 +895,8 @@ class Batcher(Generic[In, Out]):
         woken: list[_Pending] = []
         with self._lock:
             self._running -= 1
+            if self._waiting and self._depth:
+                self._ready.notify()  # a slot is free again (a caller ran its own batch)
             self._batches += 1
             self._items += len(batch)
             self._sizes[len(batch)] += 1

@@ -163,7 +163,13 @@ class Predictor(Generic[In, Out]):
         #: The predictor's name (default: the model's name).
         self.name: str = name or first.model_name
         if batcher is not None:
-            batcher._attach(self._run_batch, self._gen.backend.capacity)
+            # On Inline the batch runs on the calling thread, so a lone request may run
+            # on its caller's event loop; other back ends block while they wait.
+            batcher._attach(
+                self._run_batch,
+                self._gen.backend.capacity,
+                loop_safe=self._gen.inline is not None,
+            )
         self._swap_lock = threading.Lock()
         self._starting = False
         self._state = PredictorState.NEW
