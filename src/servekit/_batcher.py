@@ -41,19 +41,27 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
 
+from ._batch_records import (
+    NO_WAITER,
+    BatcherStatistics,
+    Pending,
+    deadline_error,
+    is_cancelled,
+    running_batch,
+    unwrap,
+)
 from ._collate import Collate, acollated, collated
-from ._outcome import Failure, arun_batch, run_batch, to_model_error
+from ._outcome import Failure, arun_batch, run_batch
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
-from .metrics import LatencySummary, LatencyWindow
+from .metrics import LatencyWindow
 
 __all__ = ["Batcher", "BatcherStatistics", "is_cancelled"]
 
@@ -75,100 +83,6 @@ _DEFAULT_RETRY_AFTER_S = 0.05
 _EWMA_ALPHA = 0.2
 
 _names = iter(range(1, 1 << 62))
-
-
-class _NoWaiter:
-    """The waiter of an item its own caller runs: nobody waits to be woken."""
-
-    def wake(self) -> None:
-        """Nothing to wake."""
-
-
-_NO_WAITER = _NoWaiter()
-
-# The batch a slot thread is running, for is_cancelled(); None outside a batch.
-_running_batch = threading.local()
-
-
-def is_cancelled(item: Any) -> bool:
-    """Whether every caller waiting for ``item`` has gone (cancelled, or past its deadline).
-
-    For a batch function that can stop early: call it with an item of the batch it was
-    given, and skip the work for items nobody waits for any more (their outputs are
-    dropped anyway; return anything in their place). It answers for batches run on the
-    Batcher's own threads: a standalone Batcher, or a Predictor on the Inline back end.
-    Elsewhere (worker threads of another back end, worker processes) it returns False.
-
-    Example::
-
-        def generate(prompts: list[str]) -> list[str]:
-            return ["" if sk.is_cancelled(p) else long_generation(p) for p in prompts]
-    """
-    batch: list[_Pending] | None = getattr(_running_batch, "records", None)
-    if not batch:
-        return False
-    mine = [record for record in batch if record.item is item]
-    return bool(mine) and all(record.settled for record in mine)
-
-
-@dataclass(frozen=True, slots=True)
-class BatcherStatistics:
-    """A consistent snapshot of a :class:`Batcher`'s counters (see :meth:`Batcher.statistics`).
-
-    Every accepted item ends in exactly one of ``succeeded``, ``failed``, ``expired``,
-    ``cancelled`` or ``closed``. ``rejected`` items were never accepted, nor were items
-    submitted with ``timeout_s <= 0`` (counted in ``expired``).
-    """
-
-    #: Items waiting in the queue now.
-    queue_depth: int
-    #: Batches running now.
-    running_batches: int
-    #: Batches sent to the function so far (a batch retried in halves counts once).
-    batches: int
-    #: Items sent to the function so far.
-    items: int
-    #: ``items / batches`` (0.0 before the first batch).
-    mean_batch_size: float
-    #: Items whose caller got the function's output.
-    succeeded: int
-    #: Items whose caller got an error from the function (``ModelError`` and the like).
-    failed: int
-    #: Items refused with ``Overloaded`` because the queue was full.
-    rejected: int
-    #: Items whose ``timeout_s`` passed before a result (``DeadlineExceeded``).
-    expired: int
-    #: Items whose async caller was cancelled before a result.
-    cancelled: int
-    #: Items failed with ``Closed`` because the grace period of ``close`` ran out.
-    closed: int
-    #: How many batches of each size have run: ``{size: count}`` (read-only).
-    batch_sizes: Mapping[int, int]
-    #: Time items waited in the queue, from submission to their batch's start.
-    queue_wait: LatencySummary
-    #: Time the function took per batch.
-    run_time: LatencySummary
-    #: Share of the slots' time spent running batches since start (0.0 to 1.0).
-    utilisation: float
-
-
-@dataclass(slots=True, eq=False)  # eq=False: identity, so deque.remove finds this record
-class _Pending:
-    """One submitted item and the caller waiting for it."""
-
-    item: Any
-    deadline: float | None  # monotonic seconds; None = no deadline
-    enqueued: float  # monotonic seconds, for max_wait_s
-    waiter: Waiter | asyncio.Future[None]  # wakes the caller's thread or event loop
-    priority: int = 0  # lower is served first
-    key: Hashable = None  # only items with equal keys share a batch
-    size: int = 1  # cost against max_batch_size (size_fn), 1 when counting items
-    seq: int = 0  # batches formed before this item arrived, for the starvation bound
-    queued: bool = True  # True while in its priority level's queue
-    chain: Any = None  # the next sync caller of the same batch, woken by this one
-    tag: Any = None  # what the attached fn said ran the batch (a Predictor: the version)
-    settled: bool = False  # set once, with outcome, under the Batcher's lock
-    outcome: Any = None  # the output, or a Failure
 
 
 class Batcher(Generic[In, Out]):
@@ -306,7 +220,7 @@ class Batcher(Generic[In, Out]):
         # close() waits here for the queue to empty.
         self._drained = threading.Condition(self._lock)
         # One FIFO per priority level; _priorities lists the levels in serving order.
-        self._levels: dict[int, deque[_Pending]] = {}
+        self._levels: dict[int, deque[Pending]] = {}
         self._priorities: list[int] = []
         self._depth = 0  # items queued over all levels
         self._cost = 0  # their total size
@@ -460,10 +374,10 @@ class Batcher(Generic[In, Out]):
         ``timeout_s`` passes first, or :class:`~servekit.ModelError` when ``fn`` failed for
         this item.
         """
-        result: Out = _unwrap(self._outcome(x, timeout_s, priority).outcome)
+        result: Out = unwrap(self._outcome(x, timeout_s, priority).outcome)
         return result
 
-    def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> _Pending:
+    def _outcome(self, x: Any, timeout_s: float | None, priority: int) -> Pending:
         """Submit one item and wait; its settled record: ``outcome`` is the output or a
         Failure (this never raises for the item), ``tag`` what ran it."""
         timeout_s = self._clamp(timeout_s)
@@ -474,7 +388,7 @@ class Batcher(Generic[In, Out]):
         waiter = SyncWaiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
         if not waiter.wait(timeout_s):
-            self._give_up(record, _deadline_error(timeout_s), expired=True)
+            self._give_up(record, deadline_error(timeout_s), expired=True)
         if record.chain is not None:
             record.chain.wake()
         return record
@@ -486,7 +400,7 @@ class Batcher(Generic[In, Out]):
         """
         timeout_s = self._clamp(timeout_s)
         deadline = None if timeout_s is None else _monotonic() + timeout_s
-        records: list[_Pending | Failure] = []
+        records: list[Pending | Failure] = []
         for x in xs:
             waiter = SyncWaiter()
             try:
@@ -501,7 +415,7 @@ class Batcher(Generic[In, Out]):
             remaining = None if deadline is None else deadline - _monotonic()
             assert isinstance(record.waiter, SyncWaiter)
             if not record.waiter.wait(remaining):
-                self._give_up(record, _deadline_error(timeout_s), expired=True)
+                self._give_up(record, deadline_error(timeout_s), expired=True)
             if record.chain is not None:
                 record.chain.wake()
             outcomes.append(record.outcome)
@@ -513,7 +427,7 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        result: Out = _unwrap((await self._aoutcome(x, timeout_s, priority)).outcome)
+        result: Out = unwrap((await self._aoutcome(x, timeout_s, priority)).outcome)
         return result
 
     async def _aoutcomes(
@@ -522,7 +436,7 @@ class Batcher(Generic[In, Out]):
         """Async twin of :meth:`_outcomes`: submit all, then await each."""
         timeout_s = self._clamp(timeout_s)
         deadline = None if timeout_s is None else _monotonic() + timeout_s
-        records: list[_Pending | Failure] = []
+        records: list[Pending | Failure] = []
         waiters: list[AsyncWaiter | None] = []
         for x in xs:
             made = make_async_waiter()
@@ -540,16 +454,16 @@ class Batcher(Generic[In, Out]):
                     continue
                 remaining = None if deadline is None else deadline - _monotonic()
                 if not await waiter.wait(remaining):
-                    self._give_up(record, _deadline_error(timeout_s), expired=True)
+                    self._give_up(record, deadline_error(timeout_s), expired=True)
                 outcomes.append(record.outcome)
         except BaseException:
             for record in records:
-                if isinstance(record, _Pending):
+                if isinstance(record, Pending):
                     self._give_up(record, Cancelled("the caller was cancelled"))
             raise
         return outcomes
 
-    async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> _Pending:
+    async def _aoutcome(self, x: Any, timeout_s: float | None, priority: int) -> Pending:
         """Async twin of :meth:`_outcome`."""
         timeout_s = self._clamp(timeout_s)
         if timeout_s is None:
@@ -582,7 +496,7 @@ class Batcher(Generic[In, Out]):
             self._give_up(record, Cancelled("the caller was cancelled before its result was ready"))
             raise
         if not woken:
-            self._give_up(record, _deadline_error(timeout_s), expired=True)
+            self._give_up(record, deadline_error(timeout_s), expired=True)
         return record
 
     def _enqueue(
@@ -593,7 +507,7 @@ class Batcher(Generic[In, Out]):
         priority: int = 0,
         *,
         notify: bool = True,
-    ) -> _Pending:
+    ) -> Pending:
         size = 1 if self.size_fn is None else self._size_of(x)
         key: Hashable = None
         if self.group_key is not None:
@@ -604,7 +518,7 @@ class Batcher(Generic[In, Out]):
             key = shape_key if key is None else (key, shape_key)
         now = _monotonic()
         deadline = None if timeout_s is None else now + timeout_s
-        record = _Pending(x, deadline, now, waiter, priority, key, size)
+        record = Pending(x, deadline, now, waiter, priority, key, size)
         with self._lock:
             if self._state != _OPEN:
                 self._start_locked()  # raises Closed once close() has been called
@@ -619,7 +533,7 @@ class Batcher(Generic[In, Out]):
                 )
             if timeout_s is not None and timeout_s <= 0:
                 self._expired += 1
-                raise _deadline_error(timeout_s)
+                raise deadline_error(timeout_s)
             level = self._levels.get(priority)
             if level is None:
                 level = self._levels[priority] = deque()
@@ -660,7 +574,7 @@ class Batcher(Generic[In, Out]):
             and self._running < self.max_concurrent_batches
         )
 
-    async def _ran_on_loop(self, record: _Pending) -> bool:
+    async def _ran_on_loop(self, record: Pending) -> bool:
         """Let the loop's other ready callers queue first; if ``record`` is then still
         alone, run it here and return True. Otherwise make sure a slot takes it.
 
@@ -680,7 +594,7 @@ class Batcher(Generic[In, Out]):
                 self._depth -= 1
                 self._cost -= record.size
                 record.queued = False
-                record.waiter = _NO_WAITER
+                record.waiter = NO_WAITER
                 self._running += 1  # this caller holds a slot until _run gives it back
                 stolen = True
             else:
@@ -692,7 +606,7 @@ class Batcher(Generic[In, Out]):
             self._run(self._run_fn, None, [record])
         return stolen
 
-    def _run_here(self, x: Any) -> _Pending | None:
+    def _run_here(self, x: Any) -> Pending | None:
         """Run a lone item on the calling thread, if nothing else is waiting or running.
 
         A thread hand-off costs two wake-ups (tens of microseconds each on a busy or
@@ -708,7 +622,7 @@ class Batcher(Generic[In, Out]):
             if self._state != _OPEN or self._depth or self._running >= self.max_concurrent_batches:
                 return None
             self._running += 1  # this thread holds a slot until _run gives it back
-        record = _Pending(x, None, _monotonic(), _NO_WAITER)
+        record = Pending(x, None, _monotonic(), NO_WAITER)
         record.queued = False
         assert self._run_fn is not None
         self._run(self._run_fn, None, [record])
@@ -748,7 +662,7 @@ class Batcher(Generic[In, Out]):
             return _DEFAULT_RETRY_AFTER_S
         return max(self._batch_s / self.max_concurrent_batches, 0.001)
 
-    def _give_up(self, record: _Pending, error: BaseException, *, expired: bool = False) -> None:
+    def _give_up(self, record: Pending, error: BaseException, *, expired: bool = False) -> None:
         """The caller stops waiting: settle its record with ``error`` unless already settled.
 
         Returns normally when the record was settled first by a worker (the caller then
@@ -793,7 +707,7 @@ class Batcher(Generic[In, Out]):
             if loop is not None:
                 loop.close()
 
-    def _take_locked(self) -> tuple[list[_Pending], list[_Pending]] | None:
+    def _take_locked(self) -> tuple[list[Pending], list[Pending]] | None:
         """Wait for a batch and take it: (live records, records expired on the way).
 
         None when the worker should exit. Called with the lock held; waits on the
@@ -816,10 +730,10 @@ class Batcher(Generic[In, Out]):
             self._ready.wait()
             self._waiting -= 1
 
-    def _pick_level_locked(self) -> deque[_Pending]:
+    def _pick_level_locked(self) -> deque[Pending]:
         """The level to serve: the first non-empty one, unless a lower one starves."""
         self._formed += 1
-        first: deque[_Pending] | None = None
+        first: deque[Pending] | None = None
         for priority in self._priorities:
             level = self._levels[priority]
             if not level:
@@ -831,12 +745,12 @@ class Batcher(Generic[In, Out]):
         assert first is not None  # called only when something is queued
         return first
 
-    def _form_locked(self) -> tuple[list[_Pending], list[_Pending]]:
+    def _form_locked(self) -> tuple[list[Pending], list[Pending]]:
         queue = self._pick_level_locked()
         key = queue[0].key
-        batch: list[_Pending] = []
-        expired: list[_Pending] = []
-        skipped: list[_Pending] = []  # other groups' items, put back in order
+        batch: list[Pending] = []
+        expired: list[Pending] = []
+        skipped: list[Pending] = []  # other groups' items, put back in order
         now = _monotonic()
         budget = self.max_batch_size
         while queue and budget > 0:
@@ -846,7 +760,7 @@ class Batcher(Generic[In, Out]):
                 # here is unsettled; one whose deadline has passed is failed, not sent.
                 queue.popleft()
                 record.settled = True
-                record.outcome = Failure(_deadline_error(None))
+                record.outcome = Failure(deadline_error(None))
                 expired.append(record)
             elif record.key != key:
                 skipped.append(queue.popleft())
@@ -870,11 +784,11 @@ class Batcher(Generic[In, Out]):
         self,
         fn: Callable[[list[Any]], Any],
         loop: asyncio.AbstractEventLoop | None,
-        batch: list[_Pending],
+        batch: list[Pending],
     ) -> None:
         items = [record.item for record in batch]
         started = _monotonic()
-        _running_batch.records = batch
+        running_batch.records = batch
         tag: Any = None
         try:
             if self._fn_isolates:
@@ -890,9 +804,9 @@ class Batcher(Generic[In, Out]):
             # leave every later caller waiting forever.
             outcomes = [Failure(exc)] * len(batch)
         finally:
-            _running_batch.records = None
+            running_batch.records = None
         elapsed = _monotonic() - started
-        woken: list[_Pending] = []
+        woken: list[Pending] = []
         with self._lock:
             self._running -= 1
             if self._waiting and self._depth:
@@ -975,17 +889,3 @@ class Batcher(Generic[In, Out]):
             f"max_concurrent_batches={self.max_concurrent_batches}, "
             f"queued={self._depth}/{self.max_queue}>"
         )
-
-
-def _unwrap(outcome: Any) -> Any:
-    if type(outcome) is Failure:
-        raise to_model_error(outcome.error)
-    return outcome
-
-
-def _deadline_error(timeout_s: float | None) -> DeadlineExceeded:
-    within = "within its timeout_s" if timeout_s is None else f"within timeout_s={timeout_s}"
-    return DeadlineExceeded(
-        f"no result {within}; the item was dropped. Raise timeout_s, or add capacity if "
-        "items are queueing"
-    )
