@@ -34,15 +34,19 @@ from .errors import BatchContractError as BatchContractError
 from .errors import Cancelled as Cancelled
 from .errors import Closed as Closed
 from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import IdempotencyConflict as IdempotencyConflict
 from .errors import InvalidInput as InvalidInput
+from .errors import InvalidJobPayload as InvalidJobPayload
 from .errors import InvalidMetadata as InvalidMetadata
 from .errors import InvalidModelName as InvalidModelName
+from .errors import JobNotFound as JobNotFound
 from .errors import ModelError as ModelError
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
 from .errors import Overloaded as Overloaded
 from .errors import SerializationError as SerializationError
 from .errors import ServekitError as ServekitError
+from .errors import StoreUnavailable as StoreUnavailable
 from .errors import UnsafeArtifactError as UnsafeArtifactError
 from .errors import VersionInUse as VersionInUse
 from .errors import WorkerCrashed as WorkerCrashed
@@ -55,6 +59,10 @@ _logging.getLogger("servekit").addHandler(_logging.NullHandler())
 
 __all__ = sorted(
     [
+        "IdempotencyConflict",
+        "InvalidJobPayload",
+        "JobNotFound",
+        "StoreUnavailable",
         "ArtifactIntegrityError",
         "ArtifactLoadError",
         "InvalidMetadata",

@@ -25,7 +25,12 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── ModelNotFound (LookupError)      no such model, version or alias
     ├── InvalidModelName (ValueError)    a name, alias or reference breaks the naming rule
     ├── InvalidMetadata (ValueError)     metadata that cannot be stored as JSON
-    └── VersionInUse                     delete refused: aliases still point at the version
+    ├── VersionInUse                     delete refused: aliases still point at the version
+    │   the job store (servekit.jobs):
+    ├── StoreUnavailable                 the job store cannot take writes; nothing was written
+    ├── JobNotFound (LookupError)        no job has this id (never existed, or purged)
+    ├── IdempotencyConflict              an idempotency key reused with a different input
+    └── InvalidJobPayload (ValueError)   a job input/result that is not storable JSON
 
 All errors pickle with their attributes, so they cross process boundaries intact.
 """
@@ -41,15 +46,19 @@ __all__ = [
     "Cancelled",
     "Closed",
     "DeadlineExceeded",
+    "IdempotencyConflict",
     "InvalidInput",
+    "InvalidJobPayload",
     "InvalidMetadata",
     "InvalidModelName",
+    "JobNotFound",
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
     "Overloaded",
     "SerializationError",
     "ServekitError",
+    "StoreUnavailable",
     "UnsafeArtifactError",
     "VersionInUse",
     "WorkerCrashed",
@@ -275,3 +284,46 @@ class VersionInUse(ServekitError):
 
     def _state(self) -> dict[str, Any]:
         return {"aliases": self.aliases}
+
+
+class StoreUnavailable(ServekitError):
+    """The job store cannot take writes (disk full, read-only, locked, closed).
+
+    Nothing was written: the operation's transaction was rolled back. Transports map
+    this to HTTP 503; retry once the cause (named in the message) is fixed.
+    """
+
+    code = "store_unavailable"
+
+
+class JobNotFound(ServekitError, LookupError):
+    """No job has this id (it never existed, or was purged after its retention).
+
+    The message never says which: an unknown id and a purged one look the same (SEC-10).
+    """
+
+    code = "job_not_found"
+
+
+class IdempotencyConflict(ServekitError):
+    """An idempotency key was reused with a different input (transports: HTTP 409).
+
+    ``idempotency_key`` is the key the caller sent. The existing job's id is not
+    revealed: holding a key is not holding the job id (SEC-10).
+    """
+
+    code = "idempotency_conflict"
+
+    def __init__(self, message: str, *, idempotency_key: str) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+
+    def _state(self) -> dict[str, Any]:
+        return {"idempotency_key": self.idempotency_key}
+
+
+class InvalidJobPayload(ServekitError, ValueError):
+    """A job input or result cannot be stored as JSON, or a stored one is not valid JSON
+    of the job payload format (for example a row tampered to hold a pickle: JB-14)."""
+
+    code = "invalid_job_payload"

@@ -1,0 +1,523 @@
+"""The JobStore protocol, the state transitions every store applies, and MemoryJobStore.
+
+Both stores apply the same pure functions below to a :class:`Job` snapshot and persist
+what they return, so the rules (JB-06) live in one place:
+
+- **claim** sweeps first: a running job whose lease ran out goes back to queued (at
+  least once delivery), or fails with ``worker_lost`` once it used all its attempts, or
+  becomes cancelled if a cancel was requested; a queued job past its queue TTL expires.
+  Then the oldest available queued jobs become running with ``attempts + 1``.
+- **complete / fail / heartbeat / set_progress** count only from the worker that holds
+  the job; a worker whose job was re-queued or re-claimed gets ``False`` and its result
+  is dropped (another attempt owns the job now).
+- **cancel** of a queued job cancels it; of a running job sets ``cancel_requested``,
+  which the worker's ``complete`` or ``fail`` resolves to cancelled (the result of a
+  cancelled job is dropped: the caller asked for it not to be done).
+- A terminal job is never changed again; ``purge`` deletes it after its retention.
+
+Expiry and lost leases are applied by ``claim`` (and queue TTLs also by ``purge``); a
+store runs no background thread, so ``get`` between sweeps can still show a job queued
+past its TTL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ._records import (
+    IdempotencyConflict,
+    Job,
+    JobNotFound,
+    JobStatus,
+    StoreUnavailable,
+    decode_payload,
+    encode_payload,
+    payload_hash,
+)
+
+__all__ = ["JobStore", "MemoryJobStore"]
+
+#: Error code of a job whose worker's lease ran out on its last attempt.
+WORKER_LOST = "worker_lost"
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Durable storage of jobs: what the job queue and its workers call.
+
+    ``submit`` returns only after the job is stored (for SQLite: committed to disk, JB-01).
+    Every method is safe to call from several threads; SQLite stores are also safe from
+    several processes sharing one file.
+    """
+
+    def submit(
+        self,
+        input: Any,
+        *,
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+        ttl_s: float | None = None,
+    ) -> Job:
+        """Store a new queued job and return it.
+
+        With ``idempotency_key``, a resubmit of the same input returns the existing job
+        (while it is retained); a different input raises :class:`IdempotencyConflict`.
+        ``ttl_s`` is how long the job may wait unclaimed before it expires.
+        """
+        ...
+
+    def get(self, id: str) -> Job:
+        """The job with this id; :class:`JobNotFound` if there is none."""
+        ...
+
+    def claim(self, worker_id: str, lease_s: float, limit: int = 1) -> builtins.list[Job]:
+        """Move up to ``limit`` available queued jobs, oldest first, to running for
+        ``worker_id`` with a lease of ``lease_s`` seconds; return them (maybe none)."""
+        ...
+
+    def heartbeat(self, id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend the lease to ``lease_s`` from now; False if the worker lost the job."""
+        ...
+
+    def complete(self, id: str, worker_id: str, result: Any) -> bool:
+        """Record the result (succeeded, or cancelled if a cancel was requested); False
+        if the worker no longer holds the job, in which case nothing changes."""
+        ...
+
+    def fail(
+        self, id: str, worker_id: str, error: dict[str, str], *, retry: bool, backoff_s: float
+    ) -> bool:
+        """Record an error ``{"code", "message"}``. With ``retry`` and attempts left the job
+        is re-queued, claimable after ``backoff_s``; else it fails. False if the worker no
+        longer holds the job."""
+        ...
+
+    def cancel(self, id: str) -> Job:
+        """Cancel a queued job, or request cancellation of a running one; a terminal job
+        is returned unchanged."""
+        ...
+
+    def set_progress(self, id: str, worker_id: str, progress: float) -> bool:
+        """Record progress in [0, 1]; False if the worker no longer holds the job."""
+        ...
+
+    def list(self, status: JobStatus | None = None, limit: int = 100) -> builtins.list[Job]:
+        """Up to ``limit`` jobs, oldest first, optionally only those with ``status``."""
+        ...
+
+    def purge(self, older_than_s: float) -> int:
+        """Delete terminal jobs finished more than ``older_than_s`` ago; return how many."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources; calling it again does nothing."""
+        ...
+
+
+# --- validation shared by the stores -------------------------------------------------
+
+
+def new_job_id() -> str:
+    """A fresh job id: 128 random bits, URL-safe, 22 characters (SEC-10)."""
+    return secrets.token_urlsafe(16)
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0."""
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+
+
+def check_submit(max_attempts: int, ttl_s: float | None) -> None:
+    """Validate ``submit``'s options."""
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+    if ttl_s is not None:
+        check_positive("ttl_s", ttl_s)
+
+
+def check_limit(limit: int) -> None:
+    """Raise ValueError unless ``limit`` is an int >= 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+
+
+def check_error(error: dict[str, str]) -> dict[str, str]:
+    """Return a copy of a job error; it must hold string ``code`` and ``message``."""
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise ValueError(f"a job error needs string 'code' and 'message', got {error!r}")
+    return {"code": code, "message": message}
+
+
+def check_progress(progress: float) -> None:
+    """Raise ValueError unless 0 <= ``progress`` <= 1."""
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+
+
+def not_found(id: str) -> JobNotFound:
+    """The one error for an unknown or purged id (they must look alike: SEC-10)."""
+    # Ids are capabilities; echo only a prefix so logs do not hold whole ids.
+    return JobNotFound(f"no job with id {id[:6]!r}...; it never existed or was purged")
+
+
+def idempotency_conflict(key: str) -> IdempotencyConflict:
+    """The error for a reused idempotency key with a different input."""
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used with a different input; use a new key "
+        "for a new input",
+        idempotency_key=key,
+    )
+
+
+# --- state transitions: pure functions of a snapshot ---------------------------------
+# ``input`` and ``result`` are carried through unchanged (stores keep them encoded).
+
+
+def new_job(
+    id: str,
+    *,
+    now: float,
+    max_attempts: int,
+    ttl_s: float | None,
+    idempotency_key: str | None,
+    digest: str,
+) -> Job:
+    """A freshly submitted queued job (input left as None: stores keep it encoded)."""
+    return Job(
+        id=id,
+        status=JobStatus.QUEUED,
+        input=None,
+        result=None,
+        error=None,
+        attempts=0,
+        max_attempts=max_attempts,
+        created_at=now,
+        started_at=None,
+        finished_at=None,
+        lease_expires_at=None,
+        progress=None,
+        idempotency_key=idempotency_key,
+        payload_hash=digest,
+        available_at=now,
+        expires_at=None if ttl_s is None else now + ttl_s,
+    )
+
+
+def finish(job: Job, status: JobStatus, now: float, **changes: Any) -> Job:
+    """``job`` moved to terminal ``status`` at ``now`` (lease and worker cleared)."""
+    # max(): the clock may step back (NTP); finished_at >= started_at must hold anyway.
+    floor = job.started_at if job.started_at is not None else job.created_at
+    return dataclasses.replace(
+        job,
+        status=status,
+        finished_at=max(now, floor),
+        lease_expires_at=None,
+        worker_id=None,
+        **changes,
+    )
+
+
+def swept(job: Job, now: float) -> Job | None:
+    """What ``claim``'s sweep makes of ``job`` at ``now``; None if it stays as it is."""
+    if job.status is JobStatus.QUEUED and job.expires_at is not None and job.expires_at <= now:
+        return finish(job, JobStatus.EXPIRED, now)
+    if (
+        job.status is JobStatus.RUNNING
+        and job.lease_expires_at is not None
+        and job.lease_expires_at <= now
+    ):
+        if job.cancel_requested:
+            return finish(job, JobStatus.CANCELLED, now)
+        if job.attempts >= job.max_attempts:
+            error = {
+                "code": WORKER_LOST,
+                "message": f"the worker's lease ran out on attempt {job.attempts} of "
+                f"{job.max_attempts} (the worker died or stopped heartbeating)",
+            }
+            return finish(job, JobStatus.FAILED, now, error=error, progress=job.progress)
+        # Re-queued, claimable at once; its queue TTL counted from submit still applies.
+        return dataclasses.replace(
+            job, status=JobStatus.QUEUED, lease_expires_at=None, worker_id=None, available_at=now
+        )
+    return None
+
+
+def claimable(job: Job, now: float) -> bool:
+    """True if a (swept) job may be claimed at ``now``."""
+    return job.status is JobStatus.QUEUED and job.available_at <= now
+
+
+def claimed(job: Job, worker_id: str, now: float, lease_s: float) -> Job:
+    """``job`` claimed by ``worker_id``: running, one more attempt, a fresh lease."""
+    return dataclasses.replace(
+        job,
+        status=JobStatus.RUNNING,
+        attempts=job.attempts + 1,
+        started_at=max(now, job.created_at),
+        lease_expires_at=now + lease_s,
+        worker_id=worker_id,
+        progress=None,
+    )
+
+
+def held_by(job: Job, worker_id: str) -> bool:
+    """True if ``worker_id`` holds ``job`` (running under its lease or past it, as long
+    as no sweep has taken the job back)."""
+    return job.status is JobStatus.RUNNING and job.worker_id == worker_id
+
+
+def completed(job: Job, now: float) -> Job:
+    """A held job finished with a result (the caller stores the result itself)."""
+    if job.cancel_requested:
+        return finish(job, JobStatus.CANCELLED, now)
+    return finish(job, JobStatus.SUCCEEDED, now, error=None)
+
+
+def failed(job: Job, now: float, error: dict[str, str], retry: bool, backoff_s: float) -> Job:
+    """A held job whose attempt failed: re-queued for a retry, else failed."""
+    if job.cancel_requested:
+        return finish(job, JobStatus.CANCELLED, now, error=error)
+    if retry and job.attempts < job.max_attempts:
+        return dataclasses.replace(
+            job,
+            status=JobStatus.QUEUED,
+            error=error,
+            lease_expires_at=None,
+            worker_id=None,
+            available_at=now + backoff_s,
+        )
+    return finish(job, JobStatus.FAILED, now, error=error)
+
+
+def cancelled(job: Job, now: float) -> Job | None:
+    """What ``cancel`` makes of ``job``; None if nothing changes."""
+    if job.status is JobStatus.QUEUED:
+        return finish(job, JobStatus.CANCELLED, now)
+    if job.status is JobStatus.RUNNING and not job.cancel_requested:
+        return dataclasses.replace(job, cancel_requested=True)
+    return None
+
+
+def purgeable(job: Job, cutoff: float) -> bool:
+    """True if ``job`` is terminal and finished at or before ``cutoff``."""
+    return job.status.terminal and job.finished_at is not None and job.finished_at <= cutoff
+
+
+# --- the in-memory store ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    job: Job  # with input and result None: the encoded texts below are the truth
+    input_text: str
+    result_text: str | None = None
+
+
+class MemoryJobStore:
+    """A :class:`JobStore` in this process's memory, for tests and notebooks.
+
+    Jobs are lost when the process exits. Inputs and results are encoded as JSON exactly
+    as the SQLite store encodes them, so both accept and return the same values, and a
+    caller mutating its input after ``submit`` does not change the stored job.
+
+    ``clock`` returns the time in epoch seconds (tests pass a fake one).
+
+    >>> store = MemoryJobStore()
+    >>> job = store.submit({"x": 1})
+    >>> [j.id for j in store.claim("w1", lease_s=30)] == [job.id]
+    True
+    >>> store.complete(job.id, "w1", {"y": 2}), store.get(job.id).result
+    (True, {'y': 2})
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # One lock over everything: every operation is a few dict operations, so a
+        # finer scheme would buy nothing and risk torn multi-job updates (claim, purge).
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}  # insertion order = submission order
+        self._keys: dict[str, str] = {}  # idempotency key -> job id
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the job store is closed; open a new one")
+
+    def _entry(self, id: str) -> _Entry:
+        entry = self._entries.get(id)
+        if entry is None:
+            raise not_found(id)
+        return entry
+
+    @staticmethod
+    def _public(entry: _Entry) -> Job:
+        # Decode on every read so no two callers share a mutable input or result.
+        result = None if entry.result_text is None else decode_payload(entry.result_text)
+        return dataclasses.replace(entry.job, input=decode_payload(entry.input_text), result=result)
+
+    def submit(
+        self,
+        input: Any,
+        *,
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+        ttl_s: float | None = None,
+    ) -> Job:
+        """See :meth:`JobStore.submit`."""
+        check_submit(max_attempts, ttl_s)
+        text = encode_payload(input)
+        digest = payload_hash(text)
+        with self._lock:
+            self._check_open()
+            if idempotency_key is not None and idempotency_key in self._keys:
+                entry = self._entries[self._keys[idempotency_key]]
+                if entry.job.payload_hash != digest:
+                    raise idempotency_conflict(idempotency_key)
+                return self._public(entry)
+            job = new_job(
+                new_job_id(),
+                now=self._clock(),
+                max_attempts=max_attempts,
+                ttl_s=ttl_s,
+                idempotency_key=idempotency_key,
+                digest=digest,
+            )
+            self._entries[job.id] = _Entry(job, text)
+            if idempotency_key is not None:
+                self._keys[idempotency_key] = job.id
+            return self._public(self._entries[job.id])
+
+    def get(self, id: str) -> Job:
+        """See :meth:`JobStore.get`."""
+        with self._lock:
+            self._check_open()
+            return self._public(self._entry(id))
+
+    def _sweep(self, now: float) -> None:
+        for entry in self._entries.values():
+            new = swept(entry.job, now)
+            if new is not None:
+                entry.job = new
+
+    def claim(self, worker_id: str, lease_s: float, limit: int = 1) -> builtins.list[Job]:
+        """See :meth:`JobStore.claim`."""
+        check_positive("lease_s", lease_s)
+        check_limit(limit)
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            self._sweep(now)
+            out: builtins.list[Job] = []
+            for entry in self._entries.values():
+                if len(out) >= limit:
+                    break
+                if claimable(entry.job, now):
+                    entry.job = claimed(entry.job, worker_id, now, lease_s)
+                    out.append(self._public(entry))
+            return out
+
+    def heartbeat(self, id: str, worker_id: str, lease_s: float) -> bool:
+        """See :meth:`JobStore.heartbeat`."""
+        check_positive("lease_s", lease_s)
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            if not held_by(entry.job, worker_id):
+                return False
+            entry.job = dataclasses.replace(entry.job, lease_expires_at=self._clock() + lease_s)
+            return True
+
+    def complete(self, id: str, worker_id: str, result: Any) -> bool:
+        """See :meth:`JobStore.complete`."""
+        text = encode_payload(result)
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            if not held_by(entry.job, worker_id):
+                return False
+            entry.job = completed(entry.job, self._clock())
+            if entry.job.status is JobStatus.SUCCEEDED:
+                entry.result_text = text
+            return True
+
+    def fail(
+        self, id: str, worker_id: str, error: dict[str, str], *, retry: bool, backoff_s: float
+    ) -> bool:
+        """See :meth:`JobStore.fail`."""
+        error = check_error(error)
+        if not backoff_s >= 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s!r}")
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            if not held_by(entry.job, worker_id):
+                return False
+            entry.job = failed(entry.job, self._clock(), error, retry, backoff_s)
+            return True
+
+    def cancel(self, id: str) -> Job:
+        """See :meth:`JobStore.cancel`."""
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            new = cancelled(entry.job, self._clock())
+            if new is not None:
+                entry.job = new
+            return self._public(entry)
+
+    def set_progress(self, id: str, worker_id: str, progress: float) -> bool:
+        """See :meth:`JobStore.set_progress`."""
+        check_progress(progress)
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            if not held_by(entry.job, worker_id):
+                return False
+            entry.job = dataclasses.replace(entry.job, progress=float(progress))
+            return True
+
+    def list(self, status: JobStatus | None = None, limit: int = 100) -> builtins.list[Job]:
+        """See :meth:`JobStore.list`."""
+        check_limit(limit)
+        with self._lock:
+            self._check_open()
+            out: builtins.list[Job] = []
+            for entry in self._entries.values():
+                if len(out) >= limit:
+                    break
+                if status is None or entry.job.status is status:
+                    out.append(self._public(entry))
+            return out
+
+    def purge(self, older_than_s: float) -> int:
+        """See :meth:`JobStore.purge`."""
+        if not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s!r}")
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            for entry in self._entries.values():
+                if entry.job.status is JobStatus.QUEUED and swept(entry.job, now) is not None:
+                    entry.job = finish(entry.job, JobStatus.EXPIRED, now)
+            cutoff = now - older_than_s
+            doomed = [id for id, e in self._entries.items() if purgeable(e.job, cutoff)]
+            for id in doomed:
+                key = self._entries.pop(id).job.idempotency_key
+                if key is not None:
+                    del self._keys[key]
+            return len(doomed)
+
+    def close(self) -> None:
+        """See :meth:`JobStore.close`. Drops every job."""
+        with self._lock:
+            self._closed = True
+            self._entries.clear()
+            self._keys.clear()
