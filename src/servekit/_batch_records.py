@@ -14,14 +14,12 @@ from typing import Any
 
 from ._outcome import Failure, to_model_error
 from ._waker import Waiter
-from .errors import DeadlineExceeded
 from .metrics import LatencySummary
 
 __all__ = [
     "NO_WAITER",
     "BatcherStatistics",
     "Pending",
-    "deadline_error",
     "is_cancelled",
     "running_batch",
     "unwrap",
@@ -126,11 +124,3 @@ def unwrap(outcome: Any) -> Any:
     if type(outcome) is Failure:
         raise to_model_error(outcome.error)
     return outcome
-
-
-def deadline_error(timeout_s: float | None) -> DeadlineExceeded:
-    within = "within its timeout_s" if timeout_s is None else f"within timeout_s={timeout_s}"
-    return DeadlineExceeded(
-        f"no result {within}; the item was dropped. Raise timeout_s, or add capacity if "
-        "items are queueing"
-    )

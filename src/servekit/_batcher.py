@@ -52,13 +52,12 @@ from ._batch_records import (
     NO_WAITER,
     BatcherStatistics,
     Pending,
-    deadline_error,
     is_cancelled,
     running_batch,
     unwrap,
 )
 from ._collate import Collate, acollated, collated
-from ._outcome import Failure, arun_batch, run_batch
+from ._outcome import Failure, arun_batch, deadline_error, run_batch
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 from .metrics import LatencyWindow

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BatchContractError, ModelError, ServekitError
+from .errors import BatchContractError, DeadlineExceeded, ModelError, ServekitError
 
-__all__ = ["Failure", "arun_batch", "run_batch", "to_model_error"]
+__all__ = ["Failure", "arun_batch", "deadline_error", "run_batch", "to_model_error"]
 
 
 @dataclass(slots=True)
@@ -130,6 +130,15 @@ async def arun_batch(predict: Callable[[Any], Awaitable[Any]], items: Sequence[A
     except StopIteration as done:
         outcomes: list[Any] = done.value
         return outcomes
+
+
+def deadline_error(timeout_s: float | None) -> DeadlineExceeded:
+    """The error of a request whose ``timeout_s`` passed before its result was ready."""
+    within = "within its timeout_s" if timeout_s is None else f"within timeout_s={timeout_s}"
+    return DeadlineExceeded(
+        f"no result {within}; the request was dropped. Raise timeout_s, or add capacity if "
+        "requests are queueing"
+    )
 
 
 def to_model_error(error: BaseException) -> BaseException:

@@ -15,12 +15,12 @@ import anyio
 
 from ._batcher import Batcher
 from ._model import CollatedModel, Model, as_model
-from ._outcome import Failure, to_model_error
+from ._outcome import Failure, deadline_error, to_model_error
 from ._signature import Signature
 from ._waker import SyncWaiter, make_async_waiter
 from .backends import Backend, Inline
 from .backends._base import Task
-from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
+from .errors import Cancelled, Closed, InvalidInput, Overloaded
 from .metrics import LatencySummary, LatencyWindow
 
 __all__ = ["Predictor", "PredictorState", "PredictorStatistics"]
@@ -117,7 +117,7 @@ class _Call:
         if self.abandoned:
             return Cancelled("the caller stopped waiting for this request")
         if self.deadline is not None and _monotonic() >= self.deadline:
-            return _deadline(None)
+            return deadline_error(None)
         return None
 
 
@@ -460,7 +460,7 @@ class Predictor(Generic[In, Out]):
                 outcome, version = record.outcome, record.tag
             elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
-                    raise _deadline(timeout_s)
+                    raise deadline_error(timeout_s)
                 outcome = gen.inline.run([x])[0]
             else:
                 outcome = self._wait_sync(gen.backend, [x], timeout_s)[0]
@@ -496,7 +496,7 @@ class Predictor(Generic[In, Out]):
                 outcome, version = record.outcome, record.tag
             elif gen.inline is not None:
                 if timeout_s is not None and timeout_s <= 0:
-                    raise _deadline(timeout_s)
+                    raise deadline_error(timeout_s)
                 outcome = (await gen.inline.arun([x]))[0]
             else:
                 outcome = (await self._wait_async(gen.backend, [x], timeout_s))[0]
@@ -555,7 +555,7 @@ class Predictor(Generic[In, Out]):
         backend.submit(Task(items, call.done, call.check))
         if not call.waiter.wait(timeout_s):
             call.abandoned = True
-            raise _deadline(timeout_s)
+            raise deadline_error(timeout_s)
         assert call.outcomes is not None
         return call.outcomes
 
@@ -572,7 +572,7 @@ class Predictor(Generic[In, Out]):
             raise
         if not woken:
             call.abandoned = True
-            raise _deadline(timeout_s)
+            raise deadline_error(timeout_s)
         assert call.outcomes is not None
         return call.outcomes
 
@@ -683,7 +683,7 @@ class Predictor(Generic[In, Out]):
                 results.extend(call.outcomes)
             else:
                 call.abandoned = True
-                results.extend([Failure(_deadline(timeout_s))] * len(chunk))
+                results.extend([Failure(deadline_error(timeout_s))] * len(chunk))
         return results
 
     async def _many_async(
@@ -703,7 +703,7 @@ class Predictor(Generic[In, Out]):
                     results.extend(call.outcomes)
                 else:
                     call.abandoned = True
-                    results.extend([Failure(_deadline(timeout_s))] * len(chunk))
+                    results.extend([Failure(deadline_error(timeout_s))] * len(chunk))
         except BaseException:
             for call in calls:
                 call.abandoned = True
@@ -738,14 +738,6 @@ class Predictor(Generic[In, Out]):
             for k, v in rows
         )
         return f"<table><caption>Predictor {html.escape(self.name)}</caption>{body}</table>"
-
-
-def _deadline(timeout_s: float | None) -> DeadlineExceeded:
-    within = "within its timeout_s" if timeout_s is None else f"within timeout_s={timeout_s}"
-    return DeadlineExceeded(
-        f"no result {within}; the request was dropped. Raise timeout_s, or add "
-        "capacity if requests are queueing"
-    )
 
 
 def _unwrap_many(outcomes: Sequence[Any], return_exceptions: bool) -> list[Any]:

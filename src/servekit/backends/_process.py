@@ -284,11 +284,12 @@ class Processes(Backend):
         # Outside the lock: the worker is reserved for this task (worker.task is set), so
         # no other thread sends on its pipe. If the worker has just died the send fails
         # and the supervisor, seeing the death, fails the task with WorkerCrashed.
-        if queued.task.check is not None and queued.task.check() is not None:
+        error = None if queued.task.check is None else queued.task.check()
+        if error is not None:  # every caller of the batch has gone: do not send it
             with self._lock:
                 if worker.task is queued.task:
                     worker.task = None
-            queued.task.skip_if_dead()
+            queued.task.done(fail_all(len(queued.task.items), error))
             self._dispatch_next()
             return
         try:
