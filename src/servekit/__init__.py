@@ -44,11 +44,13 @@ from .errors import ModelError as ModelError
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
 from .errors import Overloaded as Overloaded
+from .errors import RetryableError as RetryableError
 from .errors import SerializationError as SerializationError
 from .errors import ServekitError as ServekitError
 from .errors import StoreUnavailable as StoreUnavailable
 from .errors import UnsafeArtifactError as UnsafeArtifactError
 from .errors import VersionInUse as VersionInUse
+from .errors import WebhookRefused as WebhookRefused
 from .errors import WorkerCrashed as WorkerCrashed
 from .metrics import LatencySummary as LatencySummary
 
@@ -63,6 +65,8 @@ __all__ = sorted(
         "InvalidJobPayload",
         "JobNotFound",
         "StoreUnavailable",
+        "RetryableError",
+        "WebhookRefused",
         "ArtifactIntegrityError",
         "ArtifactLoadError",
         "InvalidMetadata",

@@ -89,6 +89,8 @@ class Model(ABC, Generic[In, Out]):
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    if not (inspect.isroutine(fn) or isinstance(fn, type)):
+        fn = type(fn).__call__  # a callable object: its __call__ holds the annotations
     try:
         return get_type_hints(fn, include_extras=True)
     except (NameError, TypeError, AttributeError) as exc:

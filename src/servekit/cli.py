@@ -8,22 +8,36 @@
     servekit models unalias NAME ALIAS [--store DIR]
     servekit models delete REF [--force] [--store DIR]
 
-``--store`` defaults to ``$SERVEKIT_STORE``, else ``./models``. Errors print one line
+    servekit jobs worker --predictor MODULE:ATTR [--store FILE] [--workers N] [--lease-s S]
+                         [--allow-network CIDR ...]
+    servekit jobs list   [--store FILE] [--status STATUS] [--limit N] [--json]
+    servekit jobs show   ID [--store FILE]
+    servekit jobs cancel ID [--store FILE]
+    servekit jobs purge  --older-than-s S [--store FILE]
+
+For ``models``, ``--store`` defaults to ``$SERVEKIT_STORE``, else ``./models``; for
+``jobs``, to ``$SERVEKIT_JOBS``, else ``./servekit-jobs.sqlite3``. A worker signs
+webhooks with the secret in ``$SERVEKIT_WEBHOOK_SECRET`` (no webhooks without it) and
+stops on SIGTERM or SIGINT: it stops claiming, lets running jobs finish for
+``--grace-s``, and exits. Errors print one line
 to stderr and exit with status 2 (usage) or 1 (anything else); no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import ServekitError
 
-__all__ = ["main"]
+__all__ = ["load_target", "main"]
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -97,6 +111,164 @@ def _models_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_target(spec: str) -> Any:
+    """The object named by ``module:attr`` (``attr`` may be dotted), importing the
+    module with the current directory on ``sys.path``, as ``python -m`` would."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"servekit: expected MODULE:ATTR (like app:predictor), got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"servekit: cannot import {module_name!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise SystemExit(f"servekit: {module_name!r} has no attribute {attr!r}") from None
+    return value
+
+
+def _job_store(args: argparse.Namespace) -> Any:
+    from .jobs import SQLiteJobStore
+
+    return SQLiteJobStore(args.store)
+
+
+def _job_line(job: Any) -> str:
+    error = "" if job.error is None else f"  {job.error['code']}: {job.error['message']}"
+    return f"{job.id}  {job.status.value:<9}  attempts={job.attempts}{error}"
+
+
+def _jobs_worker(args: argparse.Namespace) -> int:
+    from .jobs import JobQueue, Webhooks
+
+    target = load_target(args.predictor)
+    secret = os.environ.get("SERVEKIT_WEBHOOK_SECRET")
+    webhooks = None
+    if secret:
+        webhooks = Webhooks(secret=secret, allow_networks=tuple(args.allow_network))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    queue = JobQueue(
+        target,
+        store=args.store,
+        workers=args.workers,
+        lease_s=args.lease_s,
+        webhooks=webhooks,
+    )
+    queue.start()
+    print(
+        f"servekit jobs worker: {args.workers} worker(s) on {args.store} "
+        f"(pid {os.getpid()}); SIGTERM or Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    queue.close(grace_s=args.grace_s)
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    from .jobs import JobStatus, job_dict
+
+    store = _job_store(args)
+    try:
+        status = None if args.status is None else JobStatus(args.status)
+        jobs = store.list(status, args.limit)
+    finally:
+        store.close()
+    if args.json:
+        from .jobs import encode_payload
+
+        print(encode_payload([job_dict(job) for job in jobs]))
+    else:
+        for job in jobs:
+            print(_job_line(job))
+    return 0
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    from .jobs import encode_payload, job_dict
+
+    store = _job_store(args)
+    try:
+        print(encode_payload(job_dict(store.get(args.id))))
+    finally:
+        store.close()
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    store = _job_store(args)
+    try:
+        print(_job_line(store.cancel(args.id)))
+    finally:
+        store.close()
+    return 0
+
+
+def _jobs_purge(args: argparse.Namespace) -> int:
+    store = _job_store(args)
+    try:
+        print(f"purged {store.purge(args.older_than_s)} finished job(s)")
+    finally:
+        store.close()
+    return 0
+
+
+def _jobs_parser(commands: Any) -> None:
+    jobs = commands.add_parser("jobs", help="run job workers and inspect a job store")
+    default = os.environ.get("SERVEKIT_JOBS", "servekit-jobs.sqlite3")
+    store_help = "the SQLite job store (default: $SERVEKIT_JOBS, else ./servekit-jobs.sqlite3)"
+    actions = jobs.add_subparsers(dest="action", required=True)
+
+    worker = actions.add_parser("worker", help="run jobs from the store until stopped")
+    worker.add_argument("--predictor", required=True, help="MODULE:ATTR of a predictor/model")
+    worker.add_argument("--store", default=default, help=store_help)
+    worker.add_argument("--workers", type=int, default=1, help="runner threads (default 1)")
+    worker.add_argument("--lease-s", type=float, default=30.0, help="job lease (default 30)")
+    worker.add_argument("--grace-s", type=float, default=30.0, help="drain time on stop")
+    worker.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="deliver webhooks to this non-public network too (repeatable)",
+    )
+    worker.set_defaults(run=_jobs_worker)
+
+    listing = actions.add_parser("list", help="jobs, oldest first")
+    listing.add_argument("--store", default=default, help=store_help)
+    listing.add_argument("--status", choices=[s.value for s in _job_statuses()])
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_jobs_list)
+
+    for name, run, text in (
+        ("show", _jobs_show, "one job as JSON"),
+        ("cancel", _jobs_cancel, "cancel a queued or running job"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("id")
+        action.add_argument("--store", default=default, help=store_help)
+        action.set_defaults(run=run)
+
+    purge = actions.add_parser("purge", help="delete finished jobs older than a retention")
+    purge.add_argument("--older-than-s", type=float, required=True)
+    purge.add_argument("--store", default=default, help=store_help)
+    purge.set_defaults(run=_jobs_purge)
+
+
+def _job_statuses() -> Any:
+    from .jobs import JobStatus
+
+    return JobStatus
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servekit", description="Embeddable model serving.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="even if an alias points at it")
     delete.add_argument("--store", default=default_store, help=store_help)
     delete.set_defaults(run=_models_delete)
+    _jobs_parser(commands)
     return parser
 
 

@@ -30,7 +30,9 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── StoreUnavailable                 the job store cannot take writes; nothing was written
     ├── JobNotFound (LookupError)        no job has this id (never existed, or purged)
     ├── IdempotencyConflict              an idempotency key reused with a different input
-    └── InvalidJobPayload (ValueError)   a job input/result that is not storable JSON
+    ├── InvalidJobPayload (ValueError)   a job input/result that is not storable JSON
+    ├── WebhookRefused (ValueError)      a webhook URL refused (scheme, or a private address)
+    └── RetryableError                   raised by a model: the job may succeed if run again
 
 All errors pickle with their attributes, so they cross process boundaries intact.
 """
@@ -56,11 +58,13 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "Overloaded",
+    "RetryableError",
     "SerializationError",
     "ServekitError",
     "StoreUnavailable",
     "UnsafeArtifactError",
     "VersionInUse",
+    "WebhookRefused",
     "WorkerCrashed",
 ]
 
@@ -327,3 +331,25 @@ class InvalidJobPayload(ServekitError, ValueError):
     of the job payload format (for example a row tampered to hold a pickle: JB-14)."""
 
     code = "invalid_job_payload"
+
+
+class WebhookRefused(ServekitError, ValueError):
+    """A webhook URL was refused: not http(s), no host, or it names or resolves to an
+    address that is not public (loopback, private, link-local, metadata, ...: CB-05).
+
+    Checked when the job is submitted and again on the resolved address before each
+    delivery connects. To deliver to such an address on purpose (a test receiver on
+    127.0.0.1, a service in your own network), allow its network explicitly with
+    ``Webhooks(allow_networks=[...])``.
+    """
+
+    code = "webhook_refused"
+
+
+class RetryableError(ServekitError):
+    """Raise it (or a subclass) from a model to say the failure is transient: a job
+    whose model raised it is re-queued with exponential backoff while it has attempts
+    left, instead of failing at once. Other model errors fail the job on the spot.
+    """
+
+    code = "retryable"

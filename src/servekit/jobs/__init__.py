@@ -1,19 +1,27 @@
-"""servekit.jobs: asynchronous inference jobs.
+"""servekit.jobs: asynchronous inference with durable jobs.
 
-This first layer is the durable job store: :class:`SQLiteJobStore` (the default, one
-SQLite file shared by threads and processes) and :class:`MemoryJobStore` (tests and
-notebooks), both implementing the :class:`JobStore` protocol.
+Submit now, get a job id, poll it or be called back; the work runs in the background,
+in this process or in ``servekit jobs worker`` processes sharing the store.
 
->>> from servekit.jobs import MemoryJobStore
->>> store = MemoryJobStore()
->>> job = store.submit({"text": "hello"})
->>> job.status
-<JobStatus.QUEUED: 'queued'>
+- :class:`JobQueue` submits jobs and runs workers over a predictor.
+- :class:`SQLiteJobStore` (the default, one SQLite file shared by threads and
+  processes) and :class:`MemoryJobStore` (tests and notebooks) keep the jobs; both
+  implement the :class:`JobStore` protocol.
+- :class:`Webhooks` signs and delivers job outcomes to URLs (Standard Webhooks).
+
+>>> import servekit as sk
+>>> from servekit.jobs import JobQueue, MemoryJobStore
+>>> with JobQueue(sk.Predictor(lambda xs: [x + 1 for x in xs]), store=MemoryJobStore()) as q:
+...     job = q.submit(1)
+...     q.wait(job.id, timeout_s=10).status
+<JobStatus.SUCCEEDED: 'succeeded'>
 """
 
 from __future__ import annotations
 
+from ._queue import JobQueue, job_dict, report_progress, webhook_body
 from ._records import (
+    CallbackState,
     IdempotencyConflict,
     InvalidJobPayload,
     Job,
@@ -25,18 +33,29 @@ from ._records import (
 )
 from ._sqlite import SQLiteJobStore
 from ._store import JobStore, MemoryJobStore
+from ._webhooks import DeliveryResult, Webhooks, deliver, generate_secret, sign
 
 # Sorted; tests/jobs/test_job_stores.py checks it lists every public name.
 __all__ = [
+    "CallbackState",
+    "DeliveryResult",
     "IdempotencyConflict",
     "InvalidJobPayload",
     "Job",
     "JobNotFound",
+    "JobQueue",
     "JobStatus",
     "JobStore",
     "MemoryJobStore",
     "SQLiteJobStore",
     "StoreUnavailable",
+    "Webhooks",
     "decode_payload",
+    "deliver",
     "encode_payload",
+    "generate_secret",
+    "job_dict",
+    "report_progress",
+    "sign",
+    "webhook_body",
 ]

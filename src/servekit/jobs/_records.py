@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import IdempotencyConflict, InvalidJobPayload, JobNotFound, StoreUnavailable
 
 __all__ = [
+    "CallbackState",
     "IdempotencyConflict",
     "InvalidJobPayload",
     "Job",
@@ -69,6 +70,23 @@ class JobStatus(str, enum.Enum):
     def terminal(self) -> bool:
         """True for the states a job never leaves (everything but queued and running)."""
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class CallbackState(str, enum.Enum):
+    """Where the webhook of a finished job is in its delivery (None on a job without a
+    webhook, or one not finished yet).
+
+    >>> CallbackState.DELIVERED.value
+    'delivered'
+    """
+
+    #: The job finished; the webhook is to be sent (again, after a failed attempt).
+    PENDING = "pending"
+    #: The receiver answered 2xx.
+    DELIVERED = "delivered"
+    #: Every attempt failed, or the receiver refused it for good; the job's outcome is
+    #: still there to poll.
+    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +138,18 @@ class Job:
     available_at: float = 0.0
     #: A queued job still unclaimed at this time expires; None = no queue TTL.
     expires_at: float | None = None
+    #: Seconds one attempt may run before it fails with ``timeout``; None = no limit.
+    timeout_s: float | None = None
+    #: The URL the job's outcome is posted to when it finishes; None = no webhook.
+    webhook_url: str | None = None
+    #: Delivery of the webhook; None until a job with a webhook finishes.
+    callback_state: CallbackState | None = None
+    #: Delivery attempts made so far.
+    callback_attempts: int = 0
+    #: When the next delivery attempt is due (while pending).
+    callback_next_at: float | None = None
+    #: Why the last delivery attempt failed, if it did.
+    callback_error: str | None = None
 
 
 def _default(value: object) -> object:

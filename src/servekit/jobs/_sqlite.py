@@ -38,11 +38,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._records import (
+    CallbackState,
     InvalidJobPayload,
     Job,
     JobStatus,
@@ -61,6 +62,7 @@ from ._store import (
     claimable,
     claimed,
     completed,
+    delivery_recorded,
     failed,
     finish,
     held_by,
@@ -97,24 +99,35 @@ CREATE TABLE jobs (
     worker_id TEXT,
     cancel_requested INTEGER NOT NULL,
     available_at REAL NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    timeout_s REAL,
+    webhook_url TEXT,
+    callback_state TEXT,                    -- pending | delivered | failed
+    callback_attempts INTEGER NOT NULL,
+    callback_next_at REAL,
+    callback_error TEXT
 );
 CREATE INDEX jobs_by_status ON jobs (status, seq);
 CREATE INDEX jobs_by_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX jobs_by_callback ON jobs (callback_next_at) WHERE callback_state = 'pending';
 """
 
 # Every column but input and result, in the order _job() reads them.
 _META = (
     "id, status, error, attempts, max_attempts, created_at, started_at, finished_at, "
     "lease_expires_at, progress, idempotency_key, payload_hash, worker_id, cancel_requested, "
-    "available_at, expires_at"
+    "available_at, expires_at, timeout_s, webhook_url, callback_state, callback_attempts, "
+    "callback_next_at, callback_error"
 )
+# Index of the input column in rows selected as f"{_META}, input, result".
+_INPUT = _META.count(",") + 1
 _UPDATE = (
     "UPDATE jobs SET status=?, error=?, attempts=?, started_at=?, finished_at=?, "
-    "lease_expires_at=?, progress=?, worker_id=?, cancel_requested=?, available_at=? "
-    "WHERE id=?"
+    "lease_expires_at=?, progress=?, worker_id=?, cancel_requested=?, available_at=?, "
+    "callback_state=?, callback_attempts=?, callback_next_at=?, callback_error=? WHERE id=?"
 )
 _SYNCHRONOUS = ("FULL", "NORMAL")
+_T = TypeVar("_T")
 
 
 def _job(row: tuple[Any, ...], input: Any = None, result: Any = None) -> Job:
@@ -138,6 +151,12 @@ def _job(row: tuple[Any, ...], input: Any = None, result: Any = None) -> Job:
         cancel_requested=bool(row[13]),
         available_at=row[14],
         expires_at=row[15],
+        timeout_s=row[16],
+        webhook_url=row[17],
+        callback_state=None if row[18] is None else CallbackState(row[18]),
+        callback_attempts=row[19],
+        callback_next_at=row[20],
+        callback_error=row[21],
     )
 
 
@@ -154,6 +173,10 @@ def _update_args(job: Job) -> tuple[Any, ...]:
         job.worker_id,
         int(job.cancel_requested),
         job.available_at,
+        None if job.callback_state is None else job.callback_state.value,
+        job.callback_attempts,
+        job.callback_next_at,
+        job.callback_error,
         job.id,
     )
 
@@ -207,6 +230,10 @@ class SQLiteJobStore:
         self._path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        # Group commit (see _transact): writes waiting for the next commit.
+        self._group = threading.Condition(threading.Lock())
+        self._pending: builtins.list[_Op[Any]] = []
+        self._committing = False
         self._pid = os.getpid()
         try:
             # isolation_level=None: no implicit transactions; every write opens its own
@@ -278,22 +305,63 @@ class SQLiteJobStore:
             )
         return self._conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction: committed if the body returns, else rolled
-        back; sqlite3.OperationalError becomes StoreUnavailable either way."""
+    def _transact(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``op`` inside a write transaction, committed before this returns.
+
+        Group commit: writes that arrive while another thread is committing wait, and
+        the next of them to run commits all of them in one ``BEGIN IMMEDIATE`` ...
+        ``COMMIT``, each inside its own savepoint. One fsync then covers many writes,
+        so concurrent submitters and workers are not limited to one commit each. An
+        operation that raises is rolled back to its savepoint and gets its error; the
+        others in the group are unaffected. A failed COMMIT (or any SQLite error) fails
+        every operation of the group with :class:`StoreUnavailable`, none of it kept.
+        """
+        mine = _Op(op)
+        with self._group:
+            self._pending.append(mine)
+            while self._committing and not mine.done:
+                self._group.wait()
+            if mine.done:
+                return mine.outcome()
+            self._committing = True
+            batch, self._pending = self._pending, []
+        try:
+            self._commit(batch)
+        finally:
+            with self._group:
+                self._committing = False
+                for item in batch:
+                    item.done = True
+                self._group.notify_all()
+        return mine.outcome()
+
+    def _commit(self, batch: builtins.list[_Op[Any]]) -> None:
         with self._lock:
-            conn = self._connection()
             try:
+                conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise _unavailable(exc, self._path) from exc
+            except (StoreUnavailable, sqlite3.Error) as exc:
+                failure = (
+                    exc if isinstance(exc, StoreUnavailable) else _unavailable(exc, self._path)
+                )
+                for item in batch:
+                    item.error = failure
+                return
             try:
-                yield conn
+                for item in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        item.value = item.op(conn)
+                    except sqlite3.Error:
+                        raise  # the whole group fails below
+                    except Exception as exc:  # the operation's own error: only it fails
+                        conn.execute("ROLLBACK TO op")
+                        item.error = exc
+                    conn.execute("RELEASE op")
                 conn.execute("COMMIT")
             except BaseException as exc:
-                # COMMIT can fail too (disk full while writing the WAL); then, as for any
-                # error in the body, nothing of the transaction is kept.
+                # COMMIT can fail too (disk full while writing the WAL); then nothing of
+                # the group is kept and every operation in it reports the error.
                 if conn.in_transaction:
                     try:
                         conn.execute("ROLLBACK")
@@ -301,9 +369,11 @@ class SQLiteJobStore:
                         # SQLite may have rolled back already (after an I/O error); the
                         # original error is the one worth reporting.
                         pass
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise _unavailable(exc, self._path) from exc
-                raise
+                error = _unavailable(exc, self._path) if isinstance(exc, sqlite3.Error) else exc
+                for item in batch:
+                    item.value, item.error = None, error
+                if not isinstance(exc, Exception):
+                    raise
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -337,12 +407,15 @@ class SQLiteJobStore:
         idempotency_key: str | None = None,
         max_attempts: int = 3,
         ttl_s: float | None = None,
+        timeout_s: float | None = None,
+        webhook_url: str | None = None,
     ) -> Job:
         """See :meth:`JobStore.submit`. Returns after the job is committed to disk."""
-        check_submit(max_attempts, ttl_s)
+        check_submit(max_attempts, ttl_s, timeout_s)
         text = encode_payload(input)
         digest = payload_hash(text)
-        with self._write() as conn:
+
+        def op(conn: sqlite3.Connection) -> Job:
             if idempotency_key is not None:
                 row = conn.execute(
                     "SELECT id, payload_hash FROM jobs WHERE idempotency_key = ?",
@@ -359,31 +432,33 @@ class SQLiteJobStore:
                 ttl_s=ttl_s,
                 idempotency_key=idempotency_key,
                 digest=digest,
+                timeout_s=timeout_s,
+                webhook_url=webhook_url,
             )
+            fields: dict[str, Any] = {
+                "id": job.id,
+                "status": job.status.value,
+                "attempts": 0,
+                "max_attempts": job.max_attempts,
+                "created_at": job.created_at,
+                "idempotency_key": job.idempotency_key,
+                "payload_hash": job.payload_hash,
+                "cancel_requested": 0,
+                "available_at": job.available_at,
+                "expires_at": job.expires_at,
+                "timeout_s": job.timeout_s,
+                "webhook_url": job.webhook_url,
+                "callback_attempts": 0,
+                "input": text,
+            }
             conn.execute(
-                f"INSERT INTO jobs ({_META}, input) VALUES ({', '.join('?' * 17)})",
-                (
-                    job.id,
-                    job.status.value,
-                    None,
-                    job.attempts,
-                    job.max_attempts,
-                    job.created_at,
-                    None,
-                    None,
-                    None,
-                    None,
-                    job.idempotency_key,
-                    job.payload_hash,
-                    None,
-                    0,
-                    job.available_at,
-                    job.expires_at,
-                    text,
-                ),
+                f"INSERT INTO jobs ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                tuple(fields.values()),
             )
-        # Decoding our own text gives the caller a private copy of its input.
-        return dataclasses.replace(job, input=decode_payload(text))
+            # Decoding our own text gives the caller a private copy of its input.
+            return dataclasses.replace(job, input=decode_payload(text))
+
+        return self._transact(op)
 
     def get(self, id: str) -> Job:
         """See :meth:`JobStore.get`. A row whose payload is not servekit JSON raises
@@ -395,7 +470,8 @@ class SQLiteJobStore:
         """See :meth:`JobStore.claim`."""
         check_positive("lease_s", lease_s)
         check_limit(limit)
-        with self._write() as conn:
+
+        def op(conn: sqlite3.Connection) -> builtins.list[Job]:
             now = self._clock()
             # Sweep only the rows that can change: running ones past their lease, queued
             # ones past their TTL (the status index keeps this cheap).
@@ -421,7 +497,7 @@ class SQLiteJobStore:
                     job = _job(row)
                     assert claimable(job, now)  # the WHERE clause above is the same rule
                     try:
-                        value = decode_payload(row[16])
+                        value = decode_payload(row[_INPUT])
                     except InvalidJobPayload as exc:
                         # Never hand a worker a payload we cannot trust, and never leave it
                         # at the head of the queue to be tried forever.
@@ -435,13 +511,17 @@ class SQLiteJobStore:
                     out.append(dataclasses.replace(job, input=value))
             return out
 
+        return self._transact(op)
+
     def _change(self, id: str, worker_id: str, change: Callable[[Job], Job]) -> bool:
-        with self._write() as conn:
+        def op(conn: sqlite3.Connection) -> bool:
             job = self._meta(conn, id)
             if not held_by(job, worker_id):
                 return False
             conn.execute(_UPDATE, _update_args(change(job)))
             return True
+
+        return self._transact(op)
 
     def heartbeat(self, id: str, worker_id: str, lease_s: float) -> bool:
         """See :meth:`JobStore.heartbeat`."""
@@ -452,18 +532,56 @@ class SQLiteJobStore:
             lambda job: dataclasses.replace(job, lease_expires_at=self._clock() + lease_s),
         )
 
+    def heartbeat_many(
+        self, worker_id: str, ids: Sequence[str], lease_s: float
+    ) -> builtins.list[bool]:
+        """See :meth:`JobStore.heartbeat_many`."""
+        check_positive("lease_s", lease_s)
+        ids = builtins.list(ids)
+
+        def op(conn: sqlite3.Connection) -> builtins.list[bool]:
+            expires = self._clock() + lease_s
+            out = []
+            for id in ids:
+                # Only a row this worker holds changes: the same rule as held_by().
+                cursor = conn.execute(
+                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND status = 'running' "
+                    "AND worker_id = ?",
+                    (expires, id, worker_id),
+                )
+                out.append(cursor.rowcount == 1)
+            return out
+
+        return self._transact(op)
+
     def complete(self, id: str, worker_id: str, result: Any) -> bool:
         """See :meth:`JobStore.complete`."""
         text = encode_payload(result)
-        with self._write() as conn:
-            job = self._meta(conn, id)
-            if not held_by(job, worker_id):
-                return False
-            job = completed(job, self._clock())
-            conn.execute(_UPDATE, _update_args(job))
-            if job.status is JobStatus.SUCCEEDED:
-                conn.execute("UPDATE jobs SET result = ? WHERE id = ?", (text, id))
-            return True
+
+        def op(conn: sqlite3.Connection) -> bool:
+            self._meta(conn, id)  # unknown id: JobNotFound, as the protocol says
+            return self._complete(conn, worker_id, id, text)
+
+        return self._transact(op)
+
+    def complete_many(
+        self, worker_id: str, results: Sequence[tuple[str, Any]]
+    ) -> builtins.list[bool]:
+        """See :meth:`JobStore.complete_many`."""
+        texts = [(id, encode_payload(result)) for id, result in results]
+        return self._transact(
+            lambda conn: [self._complete(conn, worker_id, id, text) for id, text in texts]
+        )
+
+    def _complete(self, conn: sqlite3.Connection, worker_id: str, id: str, text: str) -> bool:
+        row = conn.execute(f"SELECT {_META} FROM jobs WHERE id = ?", (id,)).fetchone()
+        if row is None or not held_by(job := _job(row), worker_id):
+            return False
+        job = completed(job, self._clock())
+        conn.execute(_UPDATE, _update_args(job))
+        if job.status is JobStatus.SUCCEEDED:
+            conn.execute("UPDATE jobs SET result = ? WHERE id = ?", (text, id))
+        return True
 
     def fail(
         self, id: str, worker_id: str, error: dict[str, str], *, retry: bool, backoff_s: float
@@ -478,12 +596,15 @@ class SQLiteJobStore:
 
     def cancel(self, id: str) -> Job:
         """See :meth:`JobStore.cancel`."""
-        with self._write() as conn:
+
+        def op(conn: sqlite3.Connection) -> Job:
             job = self._meta(conn, id)
             new = _cancelled(job, self._clock())
             if new is not None:
                 conn.execute(_UPDATE, _update_args(new))
             return self._full(conn, id)
+
+        return self._transact(op)
 
     def set_progress(self, id: str, worker_id: str, progress: float) -> bool:
         """See :meth:`JobStore.set_progress`."""
@@ -513,7 +634,8 @@ class SQLiteJobStore:
         checkpoints the WAL, so a store purged regularly stays bounded on disk (JB-12)."""
         if not older_than_s >= 0:
             raise ValueError(f"older_than_s must be >= 0, got {older_than_s!r}")
-        with self._write() as conn:
+
+        def op(conn: sqlite3.Connection) -> int:
             now = self._clock()
             rows = conn.execute(
                 f"SELECT {_META} FROM jobs WHERE status = 'queued' AND expires_at <= ?", (now,)
@@ -526,10 +648,46 @@ class SQLiteJobStore:
             ).fetchall()
             doomed = [(row[0],) for row in rows if purgeable(_job(row), cutoff)]
             conn.executemany("DELETE FROM jobs WHERE id = ?", doomed)
+            return len(doomed)
+
+        count = self._transact(op)
         with self._read() as conn:
             # PASSIVE never waits for readers; freed pages are reused by later inserts.
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        return len(doomed)
+        return count
+
+    def claim_deliveries(self, lease_s: float, limit: int = 1) -> builtins.list[Job]:
+        """See :meth:`JobStore.claim_deliveries`."""
+        check_positive("lease_s", lease_s)
+        check_limit(limit)
+
+        def op(conn: sqlite3.Connection) -> builtins.list[Job]:
+            now = self._clock()
+            rows = conn.execute(
+                f"SELECT {_META}, input, result FROM jobs WHERE callback_state = 'pending' "
+                "AND callback_next_at <= ? ORDER BY callback_next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            out = []
+            for row in rows:
+                job = dataclasses.replace(_decoded(row), callback_next_at=now + lease_s)
+                conn.execute(_UPDATE, _update_args(job))
+                out.append(job)
+            return out
+
+        return self._transact(op)
+
+    def record_delivery(
+        self, id: str, *, delivered: bool, error: str | None, retry_in_s: float | None
+    ) -> None:
+        """See :meth:`JobStore.record_delivery`."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            job = self._meta(conn, id)
+            new = delivery_recorded(job, self._clock(), delivered, error, retry_in_s)
+            conn.execute(_UPDATE, _update_args(new))
+
+        self._transact(op)
 
     def close(self) -> None:
         """See :meth:`JobStore.close`. The jobs stay in the file."""
@@ -539,7 +697,24 @@ class SQLiteJobStore:
                 conn.close()
 
 
+class _Op(Generic[_T]):
+    """One write waiting in a commit group."""
+
+    __slots__ = ("done", "error", "op", "value")
+
+    def __init__(self, op: Callable[[sqlite3.Connection], _T]) -> None:
+        self.op = op
+        self.done = False
+        self.value: _T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> _T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]  # set when error is None
+
+
 def _decoded(row: tuple[Any, ...]) -> Job:
-    # Columns: the 16 of _META, then input, then result.
-    result = None if row[17] is None else decode_payload(row[17])
-    return _job(row, input=decode_payload(row[16]), result=result)
+    # Columns: those of _META, then input, then result.
+    result = None if row[_INPUT + 1] is None else decode_payload(row[_INPUT + 1])
+    return _job(row, input=decode_payload(row[_INPUT]), result=result)

@@ -27,10 +27,11 @@ import dataclasses
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ._records import (
+    CallbackState,
     IdempotencyConflict,
     Job,
     JobNotFound,
@@ -63,12 +64,16 @@ class JobStore(Protocol):
         idempotency_key: str | None = None,
         max_attempts: int = 3,
         ttl_s: float | None = None,
+        timeout_s: float | None = None,
+        webhook_url: str | None = None,
     ) -> Job:
         """Store a new queued job and return it.
 
         With ``idempotency_key``, a resubmit of the same input returns the existing job
         (while it is retained); a different input raises :class:`IdempotencyConflict`.
-        ``ttl_s`` is how long the job may wait unclaimed before it expires.
+        ``ttl_s`` is how long the job may wait unclaimed before it expires; ``timeout_s``
+        how long one attempt may run (the worker enforces it). ``webhook_url`` (already
+        checked by the caller) makes the job's callback pending when it finishes.
         """
         ...
 
@@ -85,9 +90,24 @@ class JobStore(Protocol):
         """Extend the lease to ``lease_s`` from now; False if the worker lost the job."""
         ...
 
+    def heartbeat_many(
+        self, worker_id: str, ids: Sequence[str], lease_s: float
+    ) -> builtins.list[bool]:
+        """:meth:`heartbeat` for several jobs in one write; one bool per id."""
+        ...
+
     def complete(self, id: str, worker_id: str, result: Any) -> bool:
         """Record the result (succeeded, or cancelled if a cancel was requested); False
         if the worker no longer holds the job, in which case nothing changes."""
+        ...
+
+    def complete_many(
+        self, worker_id: str, results: Sequence[tuple[str, Any]]
+    ) -> builtins.list[bool]:
+        """:meth:`complete` for several ``(id, result)`` pairs in one write (one commit:
+        what lets a worker keep up with many small jobs); one bool per pair. A result
+        that cannot be stored raises :class:`InvalidJobPayload` before anything is
+        written."""
         ...
 
     def fail(
@@ -112,7 +132,21 @@ class JobStore(Protocol):
         ...
 
     def purge(self, older_than_s: float) -> int:
-        """Delete terminal jobs finished more than ``older_than_s`` ago; return how many."""
+        """Delete terminal jobs finished more than ``older_than_s`` ago; return how many.
+        A job whose webhook is still pending is kept until the delivery ends."""
+        ...
+
+    def claim_deliveries(self, lease_s: float, limit: int = 1) -> builtins.list[Job]:
+        """Up to ``limit`` finished jobs whose webhook is due, oldest first; each is held
+        back from other callers for ``lease_s`` (a sender that dies mid-delivery leaves
+        it due again after that: at least once, CB-03)."""
+        ...
+
+    def record_delivery(
+        self, id: str, *, delivered: bool, error: str | None, retry_in_s: float | None
+    ) -> None:
+        """Record one delivery attempt: delivered; or failed, due again in
+        ``retry_in_s`` seconds, or failed for good when ``retry_in_s`` is None."""
         ...
 
     def close(self) -> None:
@@ -134,12 +168,14 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
-def check_submit(max_attempts: int, ttl_s: float | None) -> None:
+def check_submit(max_attempts: int, ttl_s: float | None, timeout_s: float | None = None) -> None:
     """Validate ``submit``'s options."""
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
     if ttl_s is not None:
         check_positive("ttl_s", ttl_s)
+    if timeout_s is not None:
+        check_positive("timeout_s", timeout_s)
 
 
 def check_limit(limit: int) -> None:
@@ -189,6 +225,8 @@ def new_job(
     ttl_s: float | None,
     idempotency_key: str | None,
     digest: str,
+    timeout_s: float | None = None,
+    webhook_url: str | None = None,
 ) -> Job:
     """A freshly submitted queued job (input left as None: stores keep it encoded)."""
     return Job(
@@ -208,13 +246,19 @@ def new_job(
         payload_hash=digest,
         available_at=now,
         expires_at=None if ttl_s is None else now + ttl_s,
+        timeout_s=timeout_s,
+        webhook_url=webhook_url,
     )
 
 
 def finish(job: Job, status: JobStatus, now: float, **changes: Any) -> Job:
-    """``job`` moved to terminal ``status`` at ``now`` (lease and worker cleared)."""
+    """``job`` moved to terminal ``status`` at ``now`` (lease and worker cleared). Its
+    webhook, if it has one, becomes due in the same write: a crash right after cannot
+    lose the notification (CB-03)."""
     # max(): the clock may step back (NTP); finished_at >= started_at must hold anyway.
     floor = job.started_at if job.started_at is not None else job.created_at
+    if job.webhook_url is not None:
+        changes.update(callback_state=CallbackState.PENDING, callback_next_at=now)
     return dataclasses.replace(
         job,
         status=status,
@@ -307,8 +351,44 @@ def cancelled(job: Job, now: float) -> Job | None:
 
 
 def purgeable(job: Job, cutoff: float) -> bool:
-    """True if ``job`` is terminal and finished at or before ``cutoff``."""
-    return job.status.terminal and job.finished_at is not None and job.finished_at <= cutoff
+    """True if ``job`` is terminal, finished at or before ``cutoff``, and has no webhook
+    still to deliver."""
+    return (
+        job.status.terminal
+        and job.finished_at is not None
+        and job.finished_at <= cutoff
+        and job.callback_state is not CallbackState.PENDING
+    )
+
+
+def delivery_due(job: Job, now: float) -> bool:
+    """True if ``job``'s webhook should be sent at ``now``."""
+    return (
+        job.callback_state is CallbackState.PENDING
+        and job.callback_next_at is not None
+        and job.callback_next_at <= now
+    )
+
+
+def delivery_recorded(
+    job: Job, now: float, delivered: bool, error: str | None, retry_in_s: float | None
+) -> Job:
+    """``job`` after one delivery attempt (see :meth:`JobStore.record_delivery`)."""
+    if job.callback_state is not CallbackState.PENDING:
+        return job  # recorded already (two senders raced past a lease): first one wins
+    if delivered:
+        state, next_at = CallbackState.DELIVERED, None
+    elif retry_in_s is None:
+        state, next_at = CallbackState.FAILED, None
+    else:
+        state, next_at = CallbackState.PENDING, now + max(0.0, retry_in_s)
+    return dataclasses.replace(
+        job,
+        callback_state=state,
+        callback_attempts=job.callback_attempts + 1,
+        callback_next_at=next_at,
+        callback_error=None if delivered else error,
+    )
 
 
 # --- the in-memory store ---------------------------------------------------------------
@@ -370,9 +450,11 @@ class MemoryJobStore:
         idempotency_key: str | None = None,
         max_attempts: int = 3,
         ttl_s: float | None = None,
+        timeout_s: float | None = None,
+        webhook_url: str | None = None,
     ) -> Job:
         """See :meth:`JobStore.submit`."""
-        check_submit(max_attempts, ttl_s)
+        check_submit(max_attempts, ttl_s, timeout_s)
         text = encode_payload(input)
         digest = payload_hash(text)
         with self._lock:
@@ -389,6 +471,8 @@ class MemoryJobStore:
                 ttl_s=ttl_s,
                 idempotency_key=idempotency_key,
                 digest=digest,
+                timeout_s=timeout_s,
+                webhook_url=webhook_url,
             )
             self._entries[job.id] = _Entry(job, text)
             if idempotency_key is not None:
@@ -435,18 +519,48 @@ class MemoryJobStore:
             entry.job = dataclasses.replace(entry.job, lease_expires_at=self._clock() + lease_s)
             return True
 
-    def complete(self, id: str, worker_id: str, result: Any) -> bool:
-        """See :meth:`JobStore.complete`."""
-        text = encode_payload(result)
+    def heartbeat_many(
+        self, worker_id: str, ids: Sequence[str], lease_s: float
+    ) -> builtins.list[bool]:
+        """See :meth:`JobStore.heartbeat_many`."""
+        check_positive("lease_s", lease_s)
         with self._lock:
             self._check_open()
-            entry = self._entry(id)
-            if not held_by(entry.job, worker_id):
-                return False
-            entry.job = completed(entry.job, self._clock())
-            if entry.job.status is JobStatus.SUCCEEDED:
-                entry.result_text = text
-            return True
+            out = []
+            for id in ids:
+                entry = self._entries.get(id)
+                held = entry is not None and held_by(entry.job, worker_id)
+                if entry is not None and held:
+                    expires = self._clock() + lease_s
+                    entry.job = dataclasses.replace(entry.job, lease_expires_at=expires)
+                out.append(held)
+            return out
+
+    def complete(self, id: str, worker_id: str, result: Any) -> bool:
+        """See :meth:`JobStore.complete`."""
+        with self._lock:
+            self._check_open()
+            self._entry(id)  # unknown id: JobNotFound, as the protocol says
+        return self.complete_many(worker_id, [(id, result)])[0]
+
+    def complete_many(
+        self, worker_id: str, results: Sequence[tuple[str, Any]]
+    ) -> builtins.list[bool]:
+        """See :meth:`JobStore.complete_many`."""
+        texts = [(id, encode_payload(result)) for id, result in results]
+        with self._lock:
+            self._check_open()
+            out = []
+            for id, text in texts:
+                entry = self._entries.get(id)
+                if entry is None or not held_by(entry.job, worker_id):
+                    out.append(False)
+                    continue
+                entry.job = completed(entry.job, self._clock())
+                if entry.job.status is JobStatus.SUCCEEDED:
+                    entry.result_text = text
+                out.append(True)
+            return out
 
     def fail(
         self, id: str, worker_id: str, error: dict[str, str], *, retry: bool, backoff_s: float
@@ -514,6 +628,30 @@ class MemoryJobStore:
                 if key is not None:
                     del self._keys[key]
             return len(doomed)
+
+    def claim_deliveries(self, lease_s: float, limit: int = 1) -> builtins.list[Job]:
+        """See :meth:`JobStore.claim_deliveries`."""
+        check_positive("lease_s", lease_s)
+        check_limit(limit)
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            due = [e for e in self._entries.values() if delivery_due(e.job, now)]
+            due.sort(key=lambda e: e.job.callback_next_at or 0.0)
+            out = []
+            for entry in due[:limit]:
+                entry.job = dataclasses.replace(entry.job, callback_next_at=now + lease_s)
+                out.append(self._public(entry))
+            return out
+
+    def record_delivery(
+        self, id: str, *, delivered: bool, error: str | None, retry_in_s: float | None
+    ) -> None:
+        """See :meth:`JobStore.record_delivery`."""
+        with self._lock:
+            self._check_open()
+            entry = self._entry(id)
+            entry.job = delivery_recorded(entry.job, self._clock(), delivered, error, retry_in_s)
 
     def close(self) -> None:
         """See :meth:`JobStore.close`. Drops every job."""
