@@ -509,14 +509,17 @@ class JobQueue:
     def _dispatch(self) -> None:
         """Claim jobs, renew leases, enforce timeouts, purge, poll callbacks."""
         next_heartbeat = next_purge = next_poll = 0.0
-        capacity = 2 * self.workers  # running plus one waiting per runner
+        # Claim ahead of the runners, in batches: one write claims many jobs, and the
+        # next claim waits until the runners are about to run out of work.
+        capacity = max(2 * self.workers, 32)
         while not self._stop.is_set():
+            self._wake.clear()
             now = time.monotonic()
             claimed = 0
             try:
                 with self._lock:
                     free = capacity - len(self._held)
-                if self.workers and free > 0:
+                if self.workers and free > 0 and self._ready.qsize() < self.workers:
                     jobs = self._store.claim(self.worker_id, self.lease_s, limit=free)
                     claimed = len(jobs)
                     for job in jobs:
@@ -539,9 +542,9 @@ class JobQueue:
                 self._stop.wait(min(1.0, self.lease_s / 6))
                 continue
             if claimed == 0 or free <= claimed:
-                # Nothing queued, or no room: sleep until a submit or a finished job.
+                # Nothing queued, no room, or enough work ahead: sleep until a submit,
+                # a finished job, or the poll interval.
                 self._wake.wait(self.poll_interval_s)
-                self._wake.clear()
 
     def _heartbeat(self) -> None:
         with self._lock:

@@ -127,6 +127,13 @@ _UPDATE = (
     "callback_state=?, callback_attempts=?, callback_next_at=?, callback_error=? WHERE id=?"
 )
 _SYNCHRONOUS = ("FULL", "NORMAL")
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+# File systems where SQLite's locks or WAL shared memory do not work across hosts
+# (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem").
+_NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre"}
+    | {"fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "davfs", "fuse.glusterfs"}
+)
 _T = TypeVar("_T")
 
 
@@ -181,6 +188,39 @@ def _update_args(job: Job) -> tuple[Any, ...]:
     )
 
 
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (Linux: from /proc/self/mountinfo);
+    None where it cannot be told."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    target = str(Path(os.path.abspath(path)).parent.resolve())
+    best, kind = "", None
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=..."
+        fields = line.split(" - ", 1)
+        left, right = fields[0].split(), fields[1].split() if len(fields) == 2 else []
+        if len(left) < 5 or not right:
+            continue
+        mount = left[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, right[0]
+    return kind
+
+
+def _refuse_network_filesystem(path: Path) -> None:
+    kind = filesystem_type(path)
+    if kind is not None and kind.lower() in _NETWORK_FILESYSTEMS:
+        raise StoreUnavailable(
+            f"job store {str(path)!r} is on a {kind} file system; SQLite's locking and WAL "
+            "do not work over network file systems (jobs could be lost or run twice): "
+            "put the store on a local disk (JB-13)"
+        )
+
+
 def _unavailable(exc: sqlite3.Error, path: Path) -> StoreUnavailable:
     text = str(exc)
     if "full" in text:
@@ -228,6 +268,7 @@ class SQLiteJobStore:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         check_positive("busy_timeout_s", busy_timeout_s)
         self._path = Path(path)
+        _refuse_network_filesystem(self._path)
         self._clock = clock
         self._lock = threading.Lock()
         # Group commit (see _transact): writes waiting for the next commit.
@@ -264,6 +305,9 @@ class SQLiteJobStore:
                     "put it on a local file system"
                 )
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            # Checkpoints truncate the WAL back to this size, so a burst of writes does
+            # not leave a large file behind for good (JB-12).
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
