@@ -560,3 +560,73 @@ async def test_await_job_can_be_cancelled(store: JobStore) -> None:
         await q.await_job(job.id)
     assert scope.cancelled_caught
     await q.aclose()
+
+
+# --- jobs claimed ahead of the runners ------------------------------------------------------
+
+
+class Gate:
+    """A per-item model whose first call blocks until opened; records every input."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.seen: list[Any] = []
+
+    def __call__(self, x: Any) -> Any:
+        self.seen.append(x)
+        self.entered.set()
+        assert self.open.wait(10)
+        return x
+
+
+def test_a_job_claimed_ahead_that_outlives_its_ttl_expires_unrun(store: JobStore) -> None:
+    gate = Gate()
+    with queue_for(gate, store, workers=1) as q:
+        first = q.submit("first")
+        assert gate.entered.wait(10)
+        late = q.submit("late", ttl_s=0.1)
+        wait_for(lambda: q.get(late.id).status is JobStatus.RUNNING)  # claimed ahead
+        time.sleep(0.15)
+        gate.open.set()
+        assert q.wait(first.id, timeout_s=10).status is JobStatus.SUCCEEDED
+        assert q.wait(late.id, timeout_s=10).status is JobStatus.EXPIRED
+    assert gate.seen == ["first"]
+
+
+def test_a_job_claimed_ahead_and_cancelled_never_runs(store: JobStore) -> None:
+    gate = Gate()
+    seen: list[Job] = []
+    with queue_for(gate, store, workers=1) as q:
+        q.submit("first")
+        assert gate.entered.wait(10)
+        second = q.submit("second", callback=seen.append)
+        wait_for(lambda: q.get(second.id).status is JobStatus.RUNNING)
+        assert q.cancel(second.id).cancel_requested
+        gate.open.set()
+        done = q.wait(second.id, timeout_s=10)
+        wait_for(lambda: bool(seen))
+    assert done.status is JobStatus.CANCELLED
+    assert seen == [done]
+    assert gate.seen == ["first"]
+
+
+def test_close_hands_back_jobs_claimed_ahead_for_other_workers(store: JobStore) -> None:
+    gate = Gate()
+    q = queue_for(gate, store, workers=1)
+    first = q.submit(0)
+    assert gate.entered.wait(10)
+    rest = [q.submit(i) for i in range(1, 5)]
+    # Claimed ahead (running in the store), at least the next one.
+    wait_for(lambda: any(q.get(j.id).status is JobStatus.RUNNING for j in rest))
+    closer = threading.Thread(target=q.close, kwargs={"grace_s": 10})
+    closer.start()
+    wait_for(lambda: all(q.get(j.id).status is JobStatus.QUEUED for j in rest))
+    gate.open.set()  # the started job finishes within the grace
+    closer.join(10)
+    assert not closer.is_alive()
+    assert store.get(first.id).status is JobStatus.SUCCEEDED
+    assert gate.seen == [0]
+    with queue_for(Counting(), store) as other:
+        done = [other.wait(j.id, timeout_s=10) for j in rest]
+    assert [d.result for d in done] == [{"y": i} for i in range(1, 5)]

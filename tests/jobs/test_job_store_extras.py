@@ -662,3 +662,39 @@ def test_extras_concurrent_disk_full_submits_all_fail_cleanly(
     assert all(kind == "err" and isinstance(e, StoreUnavailable) for kind, e in outcomes)
     assert not conn.in_transaction
     assert _count(sqlite_store.path) == 1
+
+
+# --- release: claimed jobs handed back unstarted ------------------------------------------
+
+
+def test_extras_release_requeues_held_jobs_keeping_attempts(
+    store: JobStore, clock: FakeClock
+) -> None:
+    a, b, c = (store.submit(i) for i in range(3))
+    store.claim("w1", lease_s=30, limit=2)
+    assert store.release("w1", [a.id, b.id, c.id, "unknown"]) == [True, True, False, False]
+    for id in (a.id, b.id):
+        job = store.get(id)
+        assert job.status is JobStatus.QUEUED
+        assert job.attempts == 1  # never decreases
+        assert job.worker_id is None
+        assert job.lease_expires_at is None
+    assert store.release("w2", [a.id]) == [False]
+    again = store.claim("w2", lease_s=30, limit=3)
+    assert [j.id for j in again] == [a.id, b.id, c.id]
+    assert [j.attempts for j in again] == [2, 2, 1]
+
+
+def test_extras_release_cancels_a_cancel_requested_job_and_expires_one_past_its_ttl(
+    store: JobStore, clock: FakeClock
+) -> None:
+    doomed = store.submit("cancel me")
+    late = store.submit("too late", ttl_s=5)
+    fine = store.submit("fine", ttl_s=50)
+    store.claim("w1", lease_s=30, limit=3)
+    store.cancel(doomed.id)
+    clock.advance(10)
+    assert store.release("w1", [doomed.id, late.id, fine.id]) == [True, True, True]
+    assert store.get(doomed.id).status is JobStatus.CANCELLED
+    assert store.get(late.id).status is JobStatus.EXPIRED
+    assert store.get(fine.id).status is JobStatus.QUEUED

@@ -117,6 +117,7 @@ class _Running:
     deadline: float | None = None  # monotonic; set when a runner starts it
     runner: threading.Thread | None = None
     progress_written: float = float("-inf")
+    cancel: bool = False  # cancelled through this queue before a runner started it
     timed_out: bool = False  # the dispatcher failed it for its timeout
     finished: bool = False  # its runner is done with it (too late to time out)
 
@@ -229,6 +230,7 @@ class JobQueue:
         self._outcomes: queue.SimpleQueue[_Outcome | None] = queue.SimpleQueue()
         self._callbacks: dict[str, Callable[[Job], Any]] = {}
         self._threads: list[threading.Thread] = []
+        self._dispatcher: threading.Thread | None = None
         self._callback_pool: ThreadPoolExecutor | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -254,7 +256,7 @@ class JobQueue:
         if self._predictor is not None and self.workers:
             self._predictor.start()
         self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="servekit-job-callback")
-        self._spawn(self._dispatch, "servekit-job-dispatcher")
+        self._dispatcher = self._spawn(self._dispatch, "servekit-job-dispatcher")
         if self.workers:
             self._spawn(self._commit_loop, "servekit-job-committer")
             for _ in range(self.workers):
@@ -291,6 +293,19 @@ class JobQueue:
             deadline = time.monotonic() + grace_s
             self._stop.set()
             self._wake.set()
+            if self._dispatcher is not None:
+                self._dispatcher.join(max(0.1, deadline - time.monotonic()))
+            # Jobs claimed ahead and not started go back to the queue now, for other
+            # workers, instead of waiting out their lease.
+            waiting = []
+            while True:
+                try:
+                    item = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    waiting.append(item)
+            self._hand_back(waiting)
             with self._lock:
                 while self._held and time.monotonic() < deadline:
                     self._changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -418,6 +433,10 @@ class JobQueue:
         attempt ends (its result is dropped), or succeeded if it finished first. The
         job as it is after the request is returned; a finished job is left alone."""
         job = self._store.cancel(job_id)
+        with self._lock:
+            running = self._held.get(job_id)
+            if running is not None and running.runner is None:
+                running.cancel = True  # claimed ahead by this queue: it will not start
         if job.status.terminal:
             self._notify(job)
         return job
@@ -591,9 +610,21 @@ class JobQueue:
             if running is None:
                 return
             job = running.job
+            with self._lock:
+                # A job claimed ahead may have been cancelled, or waited past its queue
+                # TTL, since; and a stopping queue starts nothing new.
+                start = not (
+                    running.cancel
+                    or self._stop.is_set()
+                    or (job.expires_at is not None and job.expires_at <= time.time())
+                )
+                if start:
+                    running.runner = threading.current_thread()
+            if not start:
+                self._hand_back([running])
+                continue
             if job.timeout_s is not None:
                 running.deadline = time.monotonic() + job.timeout_s
-            running.runner = threading.current_thread()
             token = _current.set(running)
             try:
                 value = predictor.predict(job.input, timeout_s=job.timeout_s)
@@ -608,6 +639,34 @@ class JobQueue:
             if timed_out:
                 return  # replaced by a new runner; the timeout was recorded already
             self._outcomes.put(outcome)
+
+    def _hand_back(self, waiting: builtins.list[_Running]) -> None:
+        """Release claimed, unstarted jobs in one write (see :meth:`JobStore.release`)."""
+        if not waiting:
+            return
+        ids = [r.job.id for r in waiting]
+        try:
+            self._store.release(self.worker_id, ids)
+        except ServekitError as exc:
+            _log.warning("jobs not handed back (re-queued after their lease): %s", exc)
+        self._let_go(ids)
+
+    def _let_go(self, ids: builtins.list[str]) -> None:
+        """Stop holding these jobs (written, or handed back); wake waiters, make room to
+        claim more, and call the callbacks of those that finished."""
+        with self._lock:
+            for id in ids:
+                self._held.pop(id, None)
+            self._changed.notify_all()
+            wanted = [id for id in ids if id in self._callbacks]
+        self._wake.set()
+        for id in wanted:
+            try:
+                job = self._store.get(id)
+            except ServekitError:
+                continue
+            if job.status.terminal:
+                self._notify(job)
 
     def _commit_loop(self) -> None:
         stopping = False
@@ -633,23 +692,7 @@ class JobQueue:
         successes = self._store_successes(successes, failures)
         for outcome in failures:
             self._store_failure(outcome)
-        finished = []
-        with self._lock:
-            for outcome in successes + failures:
-                if self._held.pop(outcome.running.job.id, None) is not None:
-                    finished.append(outcome.running.job.id)
-            self._changed.notify_all()
-        self._wake.set()  # room to claim more
-        for id in finished:
-            with self._lock:
-                wanted = id in self._callbacks
-            if wanted:
-                try:
-                    job = self._store.get(id)
-                except ServekitError:
-                    continue
-                if job.status.terminal:
-                    self._notify(job)
+        self._let_go([o.running.job.id for o in successes + failures])
 
     def _store_successes(
         self, successes: builtins.list[_Outcome], failures: builtins.list[_Outcome]

@@ -24,7 +24,7 @@ Decisions:
 - **Schema.** ``PRAGMA user_version`` holds the schema version; a file from a newer
   servekit is refused at open rather than misread.
 - **Payloads (JB-14).** Inputs and results are JSON text columns; a row holding anything
-  else (a pickle) is refused on read. ``claim`` fails such a job with ``invalid_payload``
+  else (a pickle) is refused on read. ``claim`` fails such a job with ``invalid_job_payload``
   instead of handing it to a worker or stalling the queue on it.
 """
 
@@ -71,6 +71,7 @@ from ._store import (
     new_job_id,
     not_found,
     purgeable,
+    released,
     swept,
 )
 
@@ -545,7 +546,7 @@ class SQLiteJobStore:
                     except InvalidJobPayload as exc:
                         # Never hand a worker a payload we cannot trust, and never leave it
                         # at the head of the queue to be tried forever.
-                        error = {"code": "invalid_payload", "message": exc.message}
+                        error = {"code": exc.code, "message": exc.message}
                         conn.execute(
                             _UPDATE, _update_args(finish(job, JobStatus.FAILED, now, error=error))
                         )
@@ -656,6 +657,22 @@ class SQLiteJobStore:
         return self._change(
             id, worker_id, lambda job: dataclasses.replace(job, progress=float(progress))
         )
+
+    def release(self, worker_id: str, ids: Sequence[str]) -> builtins.list[bool]:
+        """See :meth:`JobStore.release`."""
+        ids = builtins.list(ids)
+
+        def op(conn: sqlite3.Connection) -> builtins.list[bool]:
+            out = []
+            for id in ids:
+                row = conn.execute(f"SELECT {_META} FROM jobs WHERE id = ?", (id,)).fetchone()
+                held = row is not None and held_by(job := _job(row), worker_id)
+                if held:
+                    conn.execute(_UPDATE, _update_args(released(job, self._clock())))
+                out.append(held)
+            return out
+
+        return self._transact(op)
 
     def list(self, status: JobStatus | None = None, limit: int = 100) -> builtins.list[Job]:
         """See :meth:`JobStore.list`."""

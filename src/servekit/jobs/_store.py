@@ -127,6 +127,14 @@ class JobStore(Protocol):
         """Record progress in [0, 1]; False if the worker no longer holds the job."""
         ...
 
+    def release(self, worker_id: str, ids: Sequence[str]) -> builtins.list[bool]:
+        """Hand back jobs the worker claimed but never started (it is stopping, or the
+        job's queue TTL passed while it waited): they are queued again at once,
+        claimable by any worker. ``attempts`` keeps counting the claim (it never
+        decreases); a cancel requested meanwhile cancels the job, and a passed queue
+        TTL expires it. One bool per id: False if the worker did not hold it."""
+        ...
+
     def list(self, status: JobStatus | None = None, limit: int = 100) -> builtins.list[Job]:
         """Up to ``limit`` jobs, oldest first, optionally only those with ``status``."""
         ...
@@ -339,6 +347,24 @@ def failed(job: Job, now: float, error: dict[str, str], retry: bool, backoff_s: 
             available_at=now + backoff_s,
         )
     return finish(job, JobStatus.FAILED, now, error=error)
+
+
+def released(job: Job, now: float) -> Job:
+    """A held job handed back unstarted (see :meth:`JobStore.release`): queued again,
+    or cancelled if a cancel was requested, or expired if its queue TTL has passed (it
+    never ran, so the queue TTL still applies)."""
+    if job.cancel_requested:
+        return finish(job, JobStatus.CANCELLED, now)
+    if job.expires_at is not None and job.expires_at <= now:
+        return finish(job, JobStatus.EXPIRED, now)
+    return dataclasses.replace(
+        job,
+        status=JobStatus.QUEUED,
+        lease_expires_at=None,
+        worker_id=None,
+        available_at=now,
+        progress=None,
+    )
 
 
 def cancelled(job: Job, now: float) -> Job | None:
@@ -628,6 +654,19 @@ class MemoryJobStore:
                 if key is not None:
                     del self._keys[key]
             return len(doomed)
+
+    def release(self, worker_id: str, ids: Sequence[str]) -> builtins.list[bool]:
+        """See :meth:`JobStore.release`."""
+        with self._lock:
+            self._check_open()
+            out = []
+            for id in ids:
+                entry = self._entries.get(id)
+                held = entry is not None and held_by(entry.job, worker_id)
+                if entry is not None and held:
+                    entry.job = released(entry.job, self._clock())
+                out.append(held)
+            return out
 
     def claim_deliveries(self, lease_s: float, limit: int = 1) -> builtins.list[Job]:
         """See :meth:`JobStore.claim_deliveries`."""
