@@ -682,7 +682,11 @@ def test_extras_release_requeues_held_jobs_keeping_attempts(
     assert store.release("w2", [a.id]) == [False]
     again = store.claim("w2", lease_s=30, limit=3)
     assert [j.id for j in again] == [a.id, b.id, c.id]
-    assert [j.attempts for j in again] == [2, 2, 1]
+    # A claim handed back unstarted is not charged twice.
+    assert [j.attempts for j in again] == [1, 1, 1]
+    assert store.release("w2", [a.id]) == [True]
+    store.fail(b.id, "w2", {"code": "e", "message": "m"}, retry=True, backoff_s=0)
+    assert [j.attempts for j in store.claim("w3", lease_s=30, limit=2)] == [1, 2]
 
 
 def test_extras_release_cancels_a_cancel_requested_job_and_expires_one_past_its_ttl(

@@ -547,6 +547,23 @@ class JobStoreMachine(RuleBasedStateMachine):
         if id not in self.purged:
             self.store.fail(id, worker, {"code": "e", "message": "m"}, retry=retry, backoff_s=1)
 
+    @rule(ids=st.lists(jobs, max_size=3), worker=st.sampled_from(["w1", "w2"]))
+    def complete_many(self, ids: list[str], worker: str) -> None:
+        self.store.complete_many(worker, [(id, {"done": id}) for id in ids])
+
+    @rule(ids=st.lists(jobs, max_size=3), worker=st.sampled_from(["w1", "w2"]))
+    def release(self, ids: list[str], worker: str) -> None:
+        held = {j.id for j in self.store.list(JobStatus.RUNNING, 10_000) if j.worker_id == worker}
+        expected = []
+        for id in ids:  # an id listed twice is released once
+            expected.append(id in held)
+            held.discard(id)
+        assert self.store.release(worker, ids) == expected
+
+    @rule(ids=st.lists(jobs, max_size=3), worker=st.sampled_from(["w1", "w2"]))
+    def heartbeat_many(self, ids: list[str], worker: str) -> None:
+        self.store.heartbeat_many(worker, ids, 10.0)
+
     @rule(id=jobs)
     def cancel(self, id: str) -> None:
         if id not in self.purged:

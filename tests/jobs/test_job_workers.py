@@ -202,8 +202,8 @@ def test_jb02_sigkill_worker_with_1000_jobs_pending_recovers_all(
     done_before = {id: job.attempts for id, job in before.items() if job.status.terminal}
     assert all(before[id].status is JobStatus.SUCCEEDED for id in done_before)
     running_at_kill = {id for id, job in before.items() if job.status is JobStatus.RUNNING}
-    # The worker holds at most two jobs per runner thread (running + one waiting).
-    assert len(running_at_kill) <= 2 * concurrency
+    # The worker holds at most max(2 x runners, 32) jobs: running, plus claimed ahead.
+    assert len(running_at_kill) <= max(2 * concurrency, 32)
     assert len(done_before) >= kill_at
 
     restarted = time.monotonic()
@@ -239,7 +239,8 @@ def test_jb02_sigkill_worker_with_1000_jobs_pending_recovers_all(
     rerun_after_restart = set(lines[lines_at_kill:]) & done_inputs
     assert not rerun_after_restart, f"finished jobs ran again: {sorted(rerun_after_restart)}"
     executed_twice = {x for x, count in per_input.items() if count > 1}
-    assert len(executed_twice) <= 2 * concurrency, sorted(executed_twice)
+    # JB-02: re-executed jobs <= the jobs in flight (held by the worker) at the kill.
+    assert len(executed_twice) <= len(running_at_kill), sorted(executed_twice)
     # Only a job held by the killed worker may run again, and at most once more.
     assert executed_twice <= {inputs[id] for id in running_at_kill}
     assert all(per_input[x] == 2 for x in executed_twice)

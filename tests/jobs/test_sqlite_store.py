@@ -194,7 +194,7 @@ def test_row_tampered_with_a_pickle_is_refused(store: SQLiteJobStore, db: Path) 
         status, error = conn.execute(
             "SELECT status, error FROM jobs WHERE id = ?", (bad.id,)
         ).fetchone()
-    assert status == "failed" and json.loads(error)["code"] == "invalid_payload"
+    assert status == "failed" and json.loads(error)["code"] == "invalid_job_payload"
 
 
 def test_result_tampered_with_an_object_array_is_refused(store: SQLiteJobStore, db: Path) -> None:

@@ -111,7 +111,9 @@ class Job:
     #: The last error, ``{"code": ..., "message": ...}``; kept on a re-queued job so the
     #: reason for the retry stays visible.
     error: dict[str, str] | None
-    #: Times a worker claimed the job (the current or last attempt's number).
+    #: Attempts so far: claims by a worker (the current or last attempt's number); a
+    #: claim handed back unstarted (:meth:`JobStore.release`) is counted once, by the
+    #: claim that follows it.
     attempts: int
     #: Claims allowed before the job finally fails.
     max_attempts: int
@@ -150,6 +152,8 @@ class Job:
     callback_next_at: float | None = None
     #: Why the last delivery attempt failed, if it did.
     callback_error: str | None = None
+    #: The last claim was handed back unstarted; the next claim reuses its attempt.
+    handed_back: bool = False
 
 
 def _default(value: object) -> object:

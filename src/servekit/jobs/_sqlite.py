@@ -106,7 +106,8 @@ CREATE TABLE jobs (
     callback_state TEXT,                    -- pending | delivered | failed
     callback_attempts INTEGER NOT NULL,
     callback_next_at REAL,
-    callback_error TEXT
+    callback_error TEXT,
+    handed_back INTEGER NOT NULL DEFAULT 0  -- the last claim was released unstarted
 );
 CREATE INDEX jobs_by_status ON jobs (status, seq);
 CREATE INDEX jobs_by_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
@@ -118,14 +119,15 @@ _META = (
     "id, status, error, attempts, max_attempts, created_at, started_at, finished_at, "
     "lease_expires_at, progress, idempotency_key, payload_hash, worker_id, cancel_requested, "
     "available_at, expires_at, timeout_s, webhook_url, callback_state, callback_attempts, "
-    "callback_next_at, callback_error"
+    "callback_next_at, callback_error, handed_back"
 )
 # Index of the input column in rows selected as f"{_META}, input, result".
 _INPUT = _META.count(",") + 1
 _UPDATE = (
     "UPDATE jobs SET status=?, error=?, attempts=?, started_at=?, finished_at=?, "
     "lease_expires_at=?, progress=?, worker_id=?, cancel_requested=?, available_at=?, "
-    "callback_state=?, callback_attempts=?, callback_next_at=?, callback_error=? WHERE id=?"
+    "callback_state=?, callback_attempts=?, callback_next_at=?, callback_error=?, "
+    "handed_back=? WHERE id=?"
 )
 _SYNCHRONOUS = ("FULL", "NORMAL")
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
@@ -165,6 +167,7 @@ def _job(row: tuple[Any, ...], input: Any = None, result: Any = None) -> Job:
         callback_attempts=row[19],
         callback_next_at=row[20],
         callback_error=row[21],
+        handed_back=bool(row[22]),
     )
 
 
@@ -185,6 +188,7 @@ def _update_args(job: Job) -> tuple[Any, ...]:
         job.callback_attempts,
         job.callback_next_at,
         job.callback_error,
+        int(job.handed_back),
         job.id,
     )
 

@@ -130,9 +130,10 @@ class JobStore(Protocol):
     def release(self, worker_id: str, ids: Sequence[str]) -> builtins.list[bool]:
         """Hand back jobs the worker claimed but never started (it is stopping, or the
         job's queue TTL passed while it waited): they are queued again at once,
-        claimable by any worker. ``attempts`` keeps counting the claim (it never
-        decreases); a cancel requested meanwhile cancels the job, and a passed queue
-        TTL expires it. One bool per id: False if the worker did not hold it."""
+        claimable by any worker. ``attempts`` is left as it is (it never decreases) and
+        the next claim does not add one: a job handed back is not charged an attempt
+        for a run that never happened. A cancel requested meanwhile cancels the job,
+        and a passed queue TTL expires it. One bool per id: False if the worker did not hold it."""
         ...
 
     def list(self, status: JobStatus | None = None, limit: int = 100) -> builtins.list[Job]:
@@ -312,7 +313,8 @@ def claimed(job: Job, worker_id: str, now: float, lease_s: float) -> Job:
     return dataclasses.replace(
         job,
         status=JobStatus.RUNNING,
-        attempts=job.attempts + 1,
+        attempts=job.attempts if job.handed_back else job.attempts + 1,
+        handed_back=False,
         started_at=max(now, job.created_at),
         lease_expires_at=now + lease_s,
         worker_id=worker_id,
@@ -364,6 +366,7 @@ def released(job: Job, now: float) -> Job:
         worker_id=None,
         available_at=now,
         progress=None,
+        handed_back=True,
     )
 
 
