@@ -398,8 +398,9 @@ def test_old_finished_jobs_are_purged(store: JobStore) -> None:
 class Receiver:
     """An HTTP server on 127.0.0.1 answering the statuses it is given, in turn."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], delay_s: float = 0.0) -> None:
         self.statuses = statuses
+        self.delay_s = delay_s
         self.requests: list[tuple[dict[str, str], bytes]] = []
         receiver = self
 
@@ -408,6 +409,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 receiver.requests.append((dict(self.headers.items()), body))
                 n = len(receiver.requests)
+                time.sleep(receiver.delay_s)
                 status = receiver.statuses[min(n, len(receiver.statuses)) - 1]
                 self.send_response(status)
                 self.send_header("content-length", "0")
@@ -430,8 +432,8 @@ class Receiver:
 def receiver_factory() -> Iterator[Any]:
     made: list[Receiver] = []
 
-    def make(statuses: list[int]) -> Receiver:
-        made.append(Receiver(statuses))
+    def make(statuses: list[int], delay_s: float = 0.0) -> Receiver:
+        made.append(Receiver(statuses, delay_s))
         return made[-1]
 
     yield make
@@ -495,6 +497,24 @@ def test_cb02_a_slow_receiver_does_not_hold_up_the_jobs(
         q.submit(1, webhook=receiver.url)
         done = [q.wait(q.submit(i).id, timeout_s=10) for i in range(2, 20)]
     assert all(d.status is JobStatus.SUCCEEDED for d in done)
+
+
+def test_cb02_a_slow_receiver_does_not_delay_other_receivers(
+    store: JobStore, receiver_factory: Any
+) -> None:
+    slow = receiver_factory([200], delay_s=2.0)
+    fast = receiver_factory([200])
+    webhooks = loopback_webhooks(read_timeout_s=5.0, max_concurrency=2)
+    with queue_for(Counting(), store, webhooks=webhooks) as q:
+        first = q.submit(1, webhook=slow.url)
+        wait_for(lambda: len(slow.requests) == 1)  # the slow delivery holds one slot
+        second = q.submit(2, webhook=fast.url)
+        started = time.monotonic()
+        wait_for(lambda: q.get(second.id).callback_state is CallbackState.DELIVERED)
+        fast_s = time.monotonic() - started
+        assert q.get(first.id).callback_state is CallbackState.PENDING
+        wait_for(lambda: q.get(first.id).callback_state is CallbackState.DELIVERED)
+    assert fast_s < 1.5
 
 
 def test_cb03_a_delivery_pending_at_a_crash_is_sent_by_the_next_queue(

@@ -744,23 +744,40 @@ class JobQueue:
         webhooks = self.webhooks
         assert webhooks is not None
         # A delivery is held for longer than one attempt can take, then due again.
-        hold_s = webhooks.connect_timeout_s + webhooks.read_timeout_s + 30.0
+        hold_s = webhooks.connect_timeout_s + webhooks.read_timeout_s + 5.0
+        # At most max_concurrency deliveries in flight; a slot is refilled as soon as it
+        # frees, so a slow receiver takes one slot (for at most its timeouts) and the
+        # other receivers keep being served (CB-02).
+        slots = threading.Semaphore(webhooks.max_concurrency)
+        freed = threading.Event()
+
+        def run(job: Job) -> None:
+            try:
+                self._deliver_one(job)
+            finally:
+                slots.release()
+                freed.set()
+
         with ThreadPoolExecutor(
             webhooks.max_concurrency, thread_name_prefix="servekit-webhook"
         ) as pool:
             while not self._stop.is_set():
-                try:
-                    due = self._store.claim_deliveries(hold_s, limit=webhooks.max_concurrency)
-                except StoreUnavailable as exc:
-                    _log.warning("job store unavailable for webhooks, retrying: %s", exc)
-                    due = []
-                if not due:
-                    self._stop.wait(self.poll_interval_s)
-                    continue
-                # Wait for this round: never more than max_concurrency in flight, and a
-                # slow receiver holds up only the round it is in (bounded by timeouts).
-                for future in [pool.submit(self._deliver_one, job) for job in due]:
-                    future.result()
+                free = 0
+                while slots.acquire(blocking=False):
+                    free += 1
+                due: builtins.list[Job] = []
+                if free:
+                    try:
+                        due = self._store.claim_deliveries(hold_s, limit=free)
+                    except StoreUnavailable as exc:
+                        _log.warning("job store unavailable for webhooks, retrying: %s", exc)
+                for job in due:
+                    pool.submit(run, job)
+                for _ in range(free - len(due)):
+                    slots.release()
+                if len(due) < free or free == 0:
+                    freed.wait(self.poll_interval_s)
+                    freed.clear()
 
     def _deliver_one(self, job: Job) -> None:
         webhooks = self.webhooks
