@@ -61,7 +61,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every script in examples/."""
-    session.install("-e", ".[trio]")
+    session.install("-e", ".[trio,parquet]")
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"running {script.name}")
         session.run("python", str(script))
@@ -70,7 +70,7 @@ def examples(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in benchmarks/ and print ratios measured in one run."""
-    session.install("-e", ".[trio]")
+    session.install("-e", ".[trio,parquet]")
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     selected = [s for s in scripts if not session.posargs or s.stem in session.posargs]

@@ -31,6 +31,7 @@ from .backends import Threads as Threads
 from .errors import ArtifactIntegrityError as ArtifactIntegrityError
 from .errors import ArtifactLoadError as ArtifactLoadError
 from .errors import BatchContractError as BatchContractError
+from .errors import BatchFailed as BatchFailed
 from .errors import Cancelled as Cancelled
 from .errors import Closed as Closed
 from .errors import DeadlineExceeded as DeadlineExceeded
@@ -43,12 +44,16 @@ from .errors import JobNotFound as JobNotFound
 from .errors import ModelError as ModelError
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
+from .errors import OutputExists as OutputExists
 from .errors import Overloaded as Overloaded
+from .errors import ResumeMismatch as ResumeMismatch
 from .errors import RetryableError as RetryableError
 from .errors import SerializationError as SerializationError
 from .errors import ServekitError as ServekitError
+from .errors import SourceError as SourceError
 from .errors import StoreUnavailable as StoreUnavailable
 from .errors import UnsafeArtifactError as UnsafeArtifactError
+from .errors import UnsafePath as UnsafePath
 from .errors import VersionInUse as VersionInUse
 from .errors import WebhookRefused as WebhookRefused
 from .errors import WorkerCrashed as WorkerCrashed
@@ -67,6 +72,11 @@ __all__ = sorted(
         "StoreUnavailable",
         "RetryableError",
         "WebhookRefused",
+        "UnsafePath",
+        "SourceError",
+        "ResumeMismatch",
+        "OutputExists",
+        "BatchFailed",
         "ArtifactIntegrityError",
         "ArtifactLoadError",
         "InvalidMetadata",

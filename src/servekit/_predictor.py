@@ -217,6 +217,12 @@ class Predictor(Generic[In, Out]):
         return self._gen.signature
 
     @property
+    def validates(self) -> bool:
+        """True if calls check inputs against the signature (``validate=True`` and the
+        input type is described)."""
+        return self._validate_inputs and self._gen.signature.validates
+
+    @property
     def state(self) -> PredictorState:
         """The current :class:`PredictorState`."""
         return self._state

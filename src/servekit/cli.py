@@ -15,6 +15,11 @@
     servekit jobs cancel ID [--store FILE]
     servekit jobs purge  --older-than-s S [--store FILE]
 
+    servekit batch run --model MODULE:ATTR --input IN --output OUT [--key COL[,COL]]
+                       [--columns COL[,COL]] [--passthrough COL[,COL]] [--errors FILE]
+                       [--chunk-size N] [--resume] [--overwrite] [--max-error-rate R]
+                       [--processes N] [--concurrency N] [--no-progress]
+
 For ``models``, ``--store`` defaults to ``$SERVEKIT_STORE``, else ``./models``; for
 ``jobs``, to ``$SERVEKIT_JOBS``, else ``./servekit-jobs.sqlite3``. A worker signs
 webhooks with the secret in ``$SERVEKIT_WEBHOOK_SECRET`` (no webhooks without it) and
@@ -263,6 +268,68 @@ def _jobs_parser(commands: Any) -> None:
     purge.set_defaults(run=_jobs_purge)
 
 
+def _names(text: str | None) -> list[str]:
+    return [] if not text else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _batch_run(args: argparse.Namespace) -> int:
+    from .backends import Processes
+    from .batch import run_batch
+
+    target = load_target(args.model)
+    predictor: Any = target
+    owned = False
+    if args.processes:
+        from ._predictor import Predictor
+
+        if isinstance(target, Predictor):
+            raise SystemExit("servekit: --processes needs a model or function, not a Predictor")
+        predictor, owned = Predictor(target, backend=Processes(args.processes)), True
+    columns = _names(args.columns)
+    try:
+        report = run_batch(
+            predictor,
+            args.input,
+            args.output,
+            key=_names(args.key),
+            columns=columns[0] if len(columns) == 1 else (columns or None),
+            passthrough=_names(args.passthrough),
+            error_sink=args.errors,
+            chunk_size=args.chunk_size,
+            max_error_rate=args.max_error_rate,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            concurrency=args.concurrency,
+        )
+    finally:
+        if owned:
+            predictor.close()
+    print(report)
+    return 0
+
+
+def _batch_parser(commands: Any) -> None:
+    batch = commands.add_parser("batch", help="offline batch inference over files")
+    actions = batch.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="score an input file into an output file")
+    run.add_argument("--model", required=True, help="MODULE:ATTR of a model, function or predictor")
+    run.add_argument("--input", required=True, help="a .csv, .tsv, .jsonl or .parquet file")
+    run.add_argument("--output", required=True, help="a .jsonl, .csv or .parquet file")
+    run.add_argument("--key", help="key column(s) copied to the output, comma-separated")
+    run.add_argument("--columns", help="the model input: one column, or several (a dict)")
+    run.add_argument("--passthrough", help="columns copied to the output as they are")
+    run.add_argument("--errors", help="a file for the failed rows (.jsonl, .csv, .parquet)")
+    run.add_argument("--chunk-size", type=int, default=1000, help="input rows per chunk")
+    run.add_argument("--resume", action="store_true", help="skip chunks already written")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--max-error-rate", type=float, help="stop above this share of failed rows")
+    run.add_argument("--processes", type=int, default=0, help="run the model in N processes")
+    run.add_argument("--concurrency", type=int, default=1, help="chunks in the model at once")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(run=_batch_run)
+
+
 def _job_statuses() -> Any:
     from .jobs import JobStatus
 
@@ -308,6 +375,7 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--store", default=default_store, help=store_help)
     delete.set_defaults(run=_models_delete)
     _jobs_parser(commands)
+    _batch_parser(commands)
     return parser
 
 

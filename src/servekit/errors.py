@@ -32,7 +32,13 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── IdempotencyConflict              an idempotency key reused with a different input
     ├── InvalidJobPayload (ValueError)   a job input/result that is not storable JSON
     ├── WebhookRefused (ValueError)      a webhook URL refused (scheme, or a private address)
-    └── RetryableError                   raised by a model: the job may succeed if run again
+    ├── RetryableError                   raised by a model: the job may succeed if run again
+    │   batch inference (servekit.batch):
+    ├── SourceError (ValueError)         an input that cannot be read (format, schema, columns)
+    ├── OutputExists (FileExistsError)   the output exists; pass overwrite=True or resume=True
+    ├── UnsafePath (PermissionError)     a path outside the configured root
+    ├── ResumeMismatch (ValueError)      resume=True with other settings or another input
+    └── BatchFailed                      the run stopped: too many failed rows (max_error_rate)
 
 All errors pickle with their attributes, so they cross process boundaries intact.
 """
@@ -45,6 +51,7 @@ __all__ = [
     "ArtifactIntegrityError",
     "ArtifactLoadError",
     "BatchContractError",
+    "BatchFailed",
     "Cancelled",
     "Closed",
     "DeadlineExceeded",
@@ -57,12 +64,16 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
+    "OutputExists",
     "Overloaded",
+    "ResumeMismatch",
     "RetryableError",
     "SerializationError",
     "ServekitError",
+    "SourceError",
     "StoreUnavailable",
     "UnsafeArtifactError",
+    "UnsafePath",
     "VersionInUse",
     "WebhookRefused",
     "WorkerCrashed",
@@ -353,3 +364,49 @@ class RetryableError(ServekitError):
     """
 
     code = "retryable"
+
+
+class SourceError(ServekitError, ValueError):
+    """A batch input cannot be read as a whole: an unknown format, a missing file, a
+    missing column, a schema the run cannot use. (A single bad row is not an error of
+    the run: it goes to the error output.)"""
+
+    code = "source_error"
+
+
+class OutputExists(ServekitError, FileExistsError):
+    """The batch output (or its part files) already exists; nothing was written. Pass
+    ``overwrite=True`` to replace it, or ``resume=True`` to finish an interrupted run."""
+
+    code = "output_exists"
+
+
+class UnsafePath(ServekitError, PermissionError):
+    """A batch input or output path resolves outside the configured ``root``; refused
+    before any work."""
+
+    code = "unsafe_path"
+
+
+class ResumeMismatch(ServekitError, ValueError):
+    """``resume=True`` found a checkpoint written by a run with other settings (chunk
+    size, key, input): resuming would mix two runs. Start over with ``overwrite=True``."""
+
+    code = "resume_mismatch"
+
+
+class BatchFailed(ServekitError):
+    """A batch run stopped early because too many rows failed (``max_error_rate``).
+
+    ``report`` is the :class:`~servekit.batch.BatchReport` at the stop. Finished chunks
+    are kept: fix the cause and run again with ``resume=True``.
+    """
+
+    code = "batch_failed"
+
+    def __init__(self, message: str, *, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def _state(self) -> dict[str, Any]:
+        return {"report": self.report}
