@@ -214,11 +214,17 @@ def test_batch_bt08_paths_outside_the_root_are_refused_before_any_work(tmp_path:
         calls.extend(xs)
         return xs
 
-    for output in ("../out.jsonl", str(tmp_path / "elsewhere.jsonl")):
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    for output in ("../out.jsonl", str(tmp_path / "elsewhere.jsonl"), "link/out.jsonl"):
         with pytest.raises(sk.UnsafePath):
             run_batch(model, "in.jsonl", output, root=root, progress=False)
     assert calls == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "root"]
+    assert list((tmp_path / "outside").iterdir()) == []
+    # Inside the root, relative paths are relative to it (not to the current directory).
+    run_batch(model, "in.jsonl", "out.jsonl", root=root, progress=False)
+    assert read_jsonl(root / "out.jsonl") == [{"row": 0, "x": 1}]
 
 
 def test_batch_bt08_an_existing_output_needs_overwrite(tmp_path: Path) -> None:

@@ -215,8 +215,8 @@ def run_batch(
     keys = [key] if isinstance(key, str) else list(key or [])
     inputs = [columns] if isinstance(columns, str) else None if columns is None else list(columns)
     if root is not None:
-        for value in (source, sink, error_sink):
-            _check_inside(value, Path(root))
+        # Relative paths are relative to the root, and no path may leave it.
+        source, sink, error_sink = (_inside(v, Path(root)) for v in (source, sink, error_sink))
 
     src: Source = open_source(source)
     out: Sink = open_sink(sink)
@@ -517,16 +517,21 @@ def _error_columns(errors: list[RowError], keys: list[str]) -> dict[str, Any]:
     return columns
 
 
-def _check_inside(value: Any, root: Path) -> None:
+def _inside(value: Any, root: Path) -> Any:
+    """``value`` as a path under ``root`` if it is a path (else as it is); raises
+    UnsafePath if it leaves the root, through ``..`` or a symbolic link."""
     if not isinstance(value, str | os.PathLike):
-        return
-    resolved = Path(os.path.abspath(Path(root, value)))
+        return value
     base = Path(os.path.abspath(root))
-    real = Path(os.path.realpath(resolved))
-    if not (resolved.is_relative_to(base) and real.is_relative_to(os.path.realpath(base))):
+    resolved = Path(os.path.abspath(base / value))
+    real_base = Path(os.path.realpath(base))
+    if not (
+        resolved.is_relative_to(base) and Path(os.path.realpath(resolved)).is_relative_to(real_base)
+    ):
         raise UnsafePath(
             f"{str(value)!r} is outside the batch root {str(root)!r}; give a path inside it"
         )
+    return resolved
 
 
 class _Progress:

@@ -724,8 +724,11 @@ class ParquetSource(_FileSource):
         self._stat()
         try:
             # pre_buffer=True (pyarrow's default) reads every requested row group into
-            # memory up front: the whole file. Off, memory holds about one row group.
-            return pq.ParquetFile(self._path, pre_buffer=False)
+            # memory up front: the whole file. Off, memory still holds a whole column
+            # chunk (a row group's column, easily 100 MB) unless reads are buffered:
+            # with buffer_size, pages are read and decoded a few at a time, so memory
+            # follows the chunk size, not the writer's row group size (BT-05).
+            return pq.ParquetFile(self._path, pre_buffer=False, buffer_size=1 << 20)
         except OSError as exc:
             raise self._open_error(exc) from exc
         except Exception as exc:  # pyarrow.ArrowInvalid and friends: not a Parquet file
