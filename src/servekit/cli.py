@@ -273,18 +273,16 @@ def _names(text: str | None) -> list[str]:
 
 
 def _batch_run(args: argparse.Namespace) -> int:
+    from ._predictor import Predictor
     from .backends import Processes
     from .batch import run_batch
 
     target = load_target(args.model)
     predictor: Any = target
-    owned = False
     if args.processes:
-        from ._predictor import Predictor
-
         if isinstance(target, Predictor):
             raise SystemExit("servekit: --processes needs a model or function, not a Predictor")
-        predictor, owned = Predictor(target, backend=Processes(args.processes)), True
+        predictor = Predictor(target, backend=Processes(args.processes))
     columns = _names(args.columns)
     try:
         report = run_batch(
@@ -302,8 +300,13 @@ def _batch_run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             concurrency=args.concurrency,
         )
+    except (ValueError, TypeError) as exc:  # a bad argument: an unknown suffix, a size
+        if isinstance(exc, ServekitError):
+            raise
+        print(f"servekit: {exc}", file=sys.stderr)
+        return 2
     finally:
-        if owned:
+        if predictor is not target:
             predictor.close()
     print(report)
     return 0

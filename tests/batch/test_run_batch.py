@@ -153,6 +153,23 @@ def test_batch_bt01_bad_rows_go_to_the_error_sink_once_each(tmp_path: Path) -> N
     assert "unlucky" in by_row[8]["message"]
 
 
+def test_batch_nan_rows_of_a_numeric_column_fail_validation() -> None:
+    x = np.arange(12, dtype=np.float64).reshape(6, 2)
+    x[1, 0] = np.nan
+    x[4, 1] = np.inf
+    out: list[dict[str, Any]] = []
+    seen: list[Any] = []
+
+    def model(batch: list[np.ndarray]) -> list[float]:
+        seen.extend(batch)
+        return [float(row.sum()) for row in batch]
+
+    report = run_batch(model, x, out, chunk_size=4, progress=False)
+    assert [r["row"] for r in out] == [0, 2, 3, 5]
+    assert [(e.row, e.stage) for e in report.errors] == [(1, "validate"), (4, "validate")]
+    assert len(seen) == 4  # the bad rows never reached the model
+
+
 def test_batch_bt01_invalid_json_lines(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"x": 1}\n{"x": \n[1, 2]\n{"x": 4}\n')

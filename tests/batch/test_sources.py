@@ -601,7 +601,8 @@ def test_source_sql_sqlite(tmp_path: Path) -> None:
     src.close()
     src.close()
     assert conn.execute("select count(*) from t").fetchone() == (10,)  # still open
-    assert src.describe() == {"kind": "sql", "query": query}
+    assert src.describe() == {"kind": "sql", "query": query, "params": ["0"]}
+    assert SQLSource(conn, query, (15,)).describe() != src.describe()  # resume refuses
     with pytest.raises(SourceError, match="query failed"):
         SQLSource(conn, "select * from nope").chunks(3)
     with pytest.raises(SourceError, match="more than one"):

@@ -79,15 +79,17 @@ class BatchJob(Model[BatchRunSpec, dict[str, Any]]):
             if state.fraction is not None:
                 report_progress(state.fraction)
 
+        # Paths stay relative here: run_batch resolves them under root and refuses
+        # any that leave it (through "..", an absolute path or a symbolic link).
         report = run_batch(
             self.scorer,
-            self.root / spec.input,
-            self.root / spec.output,
+            spec.input,
+            spec.output,
             key=spec.key,
             columns=spec.columns,
             passthrough=spec.passthrough,
             chunk_size=spec.chunk_size,
-            error_sink=None if spec.errors is None else self.root / spec.errors,
+            error_sink=spec.errors,
             max_error_rate=spec.max_error_rate,
             resume=spec.resume,
             overwrite=spec.overwrite,

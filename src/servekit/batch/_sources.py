@@ -924,8 +924,15 @@ class SQLSource:
         self._gens = _Generators()
 
     def describe(self) -> dict[str, Any]:
-        """``{"kind": "sql", "query": query}``."""
-        return {"kind": "sql", "query": self._query}
+        """``{"kind": "sql", "query": query, "params": [...]}`` (parameters as their
+        ``repr``, so a resume with other parameters is refused)."""
+        params = self._params
+        shown = (
+            {str(k): repr(v) for k, v in params.items()}
+            if isinstance(params, dict)
+            else [repr(v) for v in params]
+        )
+        return {"kind": "sql", "query": self._query, "params": shown}
 
     def chunks(self, chunk_size: int, start_chunk: int = 0) -> Iterator[Chunk]:
         """Chunks of ``chunk_size`` rows from chunk ``start_chunk`` on."""
