@@ -328,7 +328,9 @@ def _batch_parser(commands: Any) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--max-error-rate", type=float, help="stop above this share of failed rows")
     run.add_argument("--processes", type=int, default=0, help="run the model in N processes")
-    run.add_argument("--concurrency", type=int, default=1, help="chunks in the model at once")
+    run.add_argument(
+        "--concurrency", type=int, help="chunks in the model at once (default: one per worker)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(run=_batch_run)
 

@@ -517,3 +517,18 @@ def test_batch_public_names_are_sorted_documented_and_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_batch_progress_bar_in_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from servekit.batch import _runner
+
+    monkeypatch.setattr(_runner, "_interactive", lambda: True)
+    run_batch(double, np.arange(30), [], chunk_size=10)
+    err = capsys.readouterr().err
+    assert "servekit batch" in err
+    assert "30/30" in err
+    monkeypatch.setattr(_runner, "_interactive", lambda: False)
+    run_batch(double, np.arange(30), [], chunk_size=10)
+    assert capsys.readouterr().err == ""

@@ -170,7 +170,7 @@ def run_batch(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | Callable[[BatchProgress], Any] = True,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     retries: int = 3,
     root: str | os.PathLike[str] | None = None,
 ) -> BatchReport:
@@ -199,15 +199,19 @@ def run_batch(
     ends with every input row exactly once; ``overwrite=True`` replaces an existing
     output. ``progress`` is True (a tqdm bar when tqdm is installed and the output is
     a terminal or notebook), False, or a callable given a :class:`BatchProgress` after
-    each chunk. ``root`` confines file inputs and outputs to a directory
+    each chunk. ``concurrency`` chunks are in the model at once (default: one per
+    worker of the predictor's back end, so worker processes never wait for the
+    parent to write a chunk). ``root`` confines file inputs and outputs to a directory
     (:class:`~servekit.UnsafePath` otherwise), for runs started from requests.
 
     Returns a :class:`BatchReport`.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise ValueError(f"concurrency must be an int >= 1 or None, got {concurrency!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
@@ -237,6 +241,11 @@ def run_batch(
         "output": output,
         "source": src.describe(),
     }
+    if concurrency is None:
+        # One chunk per worker of the back end: while one chunk's results come back
+        # and are written, the workers already run the next (Inline: 1; Processes(n):
+        # n, each chunk split across the workers by predict_many).
+        concurrency = max(1, model.backend.capacity)
     run = _Run(
         model,
         keys=keys,
