@@ -553,16 +553,26 @@ class MemoryJobStore:
     ) -> builtins.list[bool]:
         """See :meth:`JobStore.heartbeat_many`."""
         check_positive("lease_s", lease_s)
+        return self._each_held(
+            worker_id,
+            ids,
+            lambda job: dataclasses.replace(job, lease_expires_at=self._clock() + lease_s),
+        )
+
+    def _each_held(
+        self, worker_id: str, ids: Sequence[str], change: Callable[[Job], Job]
+    ) -> builtins.list[bool]:
+        """Apply ``change`` to each job of ``ids`` the worker holds; one bool per id."""
         with self._lock:
             self._check_open()
             out = []
             for id in ids:
                 entry = self._entries.get(id)
-                held = entry is not None and held_by(entry.job, worker_id)
-                if entry is not None and held:
-                    expires = self._clock() + lease_s
-                    entry.job = dataclasses.replace(entry.job, lease_expires_at=expires)
-                out.append(held)
+                if entry is not None and held_by(entry.job, worker_id):
+                    entry.job = change(entry.job)
+                    out.append(True)
+                else:
+                    out.append(False)
             return out
 
     def complete(self, id: str, worker_id: str, result: Any) -> bool:
@@ -660,16 +670,7 @@ class MemoryJobStore:
 
     def release(self, worker_id: str, ids: Sequence[str]) -> builtins.list[bool]:
         """See :meth:`JobStore.release`."""
-        with self._lock:
-            self._check_open()
-            out = []
-            for id in ids:
-                entry = self._entries.get(id)
-                held = entry is not None and held_by(entry.job, worker_id)
-                if entry is not None and held:
-                    entry.job = released(entry.job, self._clock())
-                out.append(held)
-            return out
+        return self._each_held(worker_id, ids, lambda job: released(job, self._clock()))
 
     def claim_deliveries(self, lease_s: float, limit: int = 1) -> builtins.list[Job]:
         """See :meth:`JobStore.claim_deliveries`."""
