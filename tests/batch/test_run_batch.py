@@ -31,7 +31,7 @@ from servekit.batch import (
 )
 from servekit.cli import main
 from servekit.jobs import JobQueue, JobStatus, MemoryJobStore
-from servekit.testing import FailOn
+from servekit.testing import Echo, FailOn
 
 
 def double(xs: list[Any]) -> list[Any]:
@@ -323,7 +323,7 @@ def test_batch_concurrency_keeps_the_order() -> None:
 
 
 def test_batch_processes_back_end(tmp_path: Path) -> None:
-    with sk.Predictor(sk.testing.Echo(), backend=sk.Processes(2)) as predictor:
+    with sk.Predictor(Echo(), backend=sk.Processes(2)) as predictor:
         out: list[dict[str, Any]] = []
         report = run_batch(predictor, list(range(50)), out, chunk_size=8, progress=False)
     assert report.rows_succeeded == 50

@@ -1,0 +1,212 @@
+"""create_asgi_app: a pure ASGI 3 application over the sans-I/O core.
+
+No framework: it runs under any ASGI server (uvicorn, hypercorn) and mounts in
+FastAPI or Starlette (``app.mount("/ml", create_asgi_app(predictor))``).
+
+- **Lifespan.** ``startup`` starts the predictors (and the job queue); ``shutdown``
+  first turns readiness off and refuses new work (503), then closes the predictors,
+  which drain what they accepted. A host that manages the predictors itself passes
+  ``lifespan=False``.
+- **Body limit before reading.** A ``content-length`` over ``limits.max_body_bytes``
+  is answered 413 before a byte is read; a chunked body is counted as it arrives and
+  refused as soon as it passes the limit (TR-02).
+- **Disconnects.** While a request's work runs, the app listens for
+  ``http.disconnect``; a client that goes away cancels the work, which takes its item
+  out of the batcher's queue (BQ-10), and nothing is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import anyio
+
+from .._predictor import Predictor
+from . import _v2
+from ._core import Call, HTTPRequest, HTTPResponse, Service, json_response
+
+__all__ = ["ASGIApp", "create_asgi_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class ASGIApp:
+    """The ASGI application :func:`create_asgi_app` returns; ``service`` is its core."""
+
+    def __init__(self, service: Service, *, lifespan: bool = True) -> None:
+        #: The sans-I/O core (routes, limits, the error table).
+        self.service = service
+        self._lifespan = lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI 3 entry point."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan_events(receive, send)
+        # websockets are not served: the server closes them.
+
+    async def startup(self) -> None:
+        """Start every predictor and the job queue (what lifespan startup does)."""
+        for predictor in self.service.predictors.values():
+            await predictor.astart()
+        if self.service.jobs is not None:
+            await self.service.jobs.astart()
+        self.service.accepting = True
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Turn readiness off, refuse new work, then drain and close the predictors
+        and the job queue (what lifespan shutdown does)."""
+        self.service.accepting = False
+        if self.service.jobs is not None:
+            await self.service.jobs.aclose(grace_s)
+        for predictor in self.service.predictors.values():
+            await predictor.aclose(grace_s)
+
+    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self._lifespan:
+                        await self.startup()
+                except Exception as exc:  # a model that cannot load: the server stops
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._lifespan:
+                    await self.shutdown()
+                else:
+                    self.service.accepting = False
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.service
+        method, path = scope["method"], scope["path"]
+        matched = service.match(method, path)
+        if isinstance(matched, HTTPResponse):
+            await _send(send, matched, method)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = service.limits.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _send(send, _too_large(limit) if declared.isdigit() else _bad_length(), method)
+            return
+        body = await _read_body(receive, limit)
+        if body is None:  # disconnected while sending the body
+            return
+        if isinstance(body, HTTPResponse):
+            await _send(send, body, method)
+            return
+        request = HTTPRequest(method, path, headers, body, scope.get("query_string", b"").decode())
+        prepared = service.prepare(request)
+        if isinstance(prepared, HTTPResponse):
+            await _send(send, prepared, method)
+            return
+        response = await _run(prepared, receive)
+        if response is not None:
+            await _send(send, response, method)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | HTTPResponse | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _run(call: Call, receive: Receive) -> HTTPResponse | None:
+    """Run the call; None if the client disconnected (the work was cancelled)."""
+    result: Any = None
+    disconnected = False
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    group.cancel_scope.cancel()
+                    return
+
+        group.start_soon(watch)
+        try:
+            result = await call.run_async()
+        except Exception as exc:
+            result = exc
+        finally:
+            group.cancel_scope.cancel()
+    if disconnected:
+        return None
+    return call.finish(result)
+
+
+async def _send(send: Send, response: HTTPResponse, method: str) -> None:
+    body = b"" if method == "HEAD" else response.body
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _too_large(limit: int) -> HTTPResponse:
+    return json_response(
+        413,
+        {
+            "error": {
+                "code": "payload_too_large",
+                "message": f"the request body is over the limit of {limit} bytes",
+            }
+        },
+    )
+
+
+def _bad_length() -> HTTPResponse:
+    return json_response(
+        400, {"error": {"code": "bad_request", "message": "content-length is not a number"}}
+    )
+
+
+def create_asgi_app(
+    predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
+    *,
+    jobs: Any = None,
+    limits: _v2.Limits | None = None,
+    expose_model_errors: bool = False,
+    lifespan: bool = True,
+    name: str = "servekit",
+) -> ASGIApp:
+    """A pure ASGI 3 app serving ``predictors`` (one, or a mapping of names to them).
+
+    Routes: the Open Inference Protocol V2 REST API under ``/v2`` (health, server and
+    model metadata, model readiness, infer with JSON tensors and the binary tensor
+    extension); ``POST /predict`` and ``/predict_many`` (``/models/NAME/...`` with
+    several models) with native JSON; and with ``jobs`` (a
+    :class:`~servekit.jobs.JobQueue`), ``POST /jobs`` (202 and a ``Location``),
+    ``GET /jobs/ID`` and ``DELETE /jobs/ID``. See :class:`Service` for the options.
+    """
+    service = Service(
+        predictors,
+        jobs=jobs,
+        limits=limits,
+        expose_model_errors=expose_model_errors,
+        name=name,
+    )
+    return ASGIApp(service, lifespan=lifespan)
