@@ -15,6 +15,10 @@
     servekit jobs cancel ID [--store FILE]
     servekit jobs purge  --older-than-s S [--store FILE]
 
+    servekit serve MODULE:ATTR [--host 127.0.0.1] [--port 8000] [--jobs FILE]
+                   [--job-workers N] [--max-body-mb N] [--expose-model-errors]
+                   [--grace-s S] [--log-level LEVEL]
+
     servekit batch run --model MODULE:ATTR --input IN --output OUT [--key COL[,COL]]
                        [--columns COL[,COL]] [--passthrough COL[,COL]] [--errors FILE]
                        [--chunk-size N] [--resume] [--overwrite] [--max-error-rate R]
@@ -335,6 +339,72 @@ def _batch_parser(commands: Any) -> None:
     run.set_defaults(run=_batch_run)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit(
+            'servekit: `servekit serve` runs on uvicorn: pip install "servekit[serve]"'
+        ) from None
+    from ._predictor import Predictor
+    from .transports import Limits, create_asgi_app
+
+    target = load_target(args.target)
+    if isinstance(target, dict):
+        predictors: Any = {
+            str(name): p if isinstance(p, Predictor) else Predictor(p, name=str(name))
+            for name, p in target.items()
+        }
+        first = next(iter(predictors.values()))
+    else:
+        predictors = first = target if isinstance(target, Predictor) else Predictor(target)
+    jobs = None
+    if args.jobs:
+        from .jobs import JobQueue
+
+        jobs = JobQueue(first, store=args.jobs, workers=args.job_workers)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_asgi_app(
+        predictors, jobs=jobs, limits=limits, expose_model_errors=args.expose_model_errors
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Readiness flips first: probes see 503 while in-flight requests drain.
+            app.service.accepting = False
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.grace_s,
+    )
+    # uvicorn re-raises the signal that stopped it once it has drained, for the handler
+    # that was there before; make that a no-op, so a graceful stop exits with status 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    Server(config).run()
+    return 0
+
+
+def _serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="serve a model over HTTP (uvicorn)")
+    serve.add_argument("target", help="MODULE:ATTR of a predictor, model, function or dict")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--jobs", help="a SQLite job store: enables the /jobs routes")
+    serve.add_argument("--job-workers", type=int, default=1, help="job runner threads")
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit")
+    serve.add_argument(
+        "--expose-model-errors", action="store_true", help="put model messages in responses"
+    )
+    serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.set_defaults(run=_serve)
+
+
 def _job_statuses() -> Any:
     from .jobs import JobStatus
 
@@ -381,6 +451,7 @@ def _parser() -> argparse.ArgumentParser:
     delete.set_defaults(run=_models_delete)
     _jobs_parser(commands)
     _batch_parser(commands)
+    _serve_parser(commands)
     return parser
 
 

@@ -346,3 +346,36 @@ def test_http_under_a_real_uvicorn_on_loopback() -> None:
         server.should_exit = True
         thread.join(10)
     assert predictor.state is sk.PredictorState.CLOSED  # lifespan shutdown drained it
+
+
+@pytest.mark.anyio
+async def test_http_metrics_parse_with_prometheus_client() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    batched = sk.Predictor(double, name="batched", batcher=sk.Batcher(max_batch_size=8))
+    plain = sk.Predictor(fragile, name="plain")
+    app = create_asgi_app({"batched": batched, "plain": plain})
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as http:
+            for x in range(5):
+                await http.post("/models/batched/predict", json={"input": x})
+            await http.post("/models/plain/predict", json={"input": 13})
+            response = await http.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        requests = {
+            (s.labels["model"], s.labels["outcome"]): s.value
+            for s in families["servekit_requests"].samples
+        }
+        assert requests[("batched", "success")] == 5
+        assert requests[("plain", "error")] == 1
+        sizes = [s for s in families["servekit_batch_size"].samples if s.name.endswith("_count")]
+        assert sizes[0].value == families["servekit_batches"].samples[0].value
+        assert families["servekit_request_duration_seconds"].type == "summary"
+        assert families["servekit_ready"].samples[0].value in (0.0, 1.0)
+    finally:
+        await batched.aclose()
+        await plain.aclose()

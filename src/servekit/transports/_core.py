@@ -155,6 +155,7 @@ _ROUTES: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("predict", ("POST",), re.compile(r"(?:/models/(?P<model>[^/]+))?/predict")),
     ("predict_many", ("POST",), re.compile(r"(?:/models/(?P<model>[^/]+))?/predict_many")),
     ("jobs", ("POST", "GET"), re.compile(r"(?:/models/(?P<model>[^/]+))?/jobs")),
+    ("metrics", ("GET",), re.compile(r"/metrics")),
     ("job", ("GET", "DELETE"), re.compile(r"/jobs/(?P<job>[^/]+)")),
 ]
 
@@ -274,6 +275,12 @@ class Service:
     def _route_ready(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         ready = self.ready()
         return json_response(200 if ready else 503, {"ready": ready})
+
+    def _route_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        from ._metrics import CONTENT_TYPE, render
+
+        text = render(self.predictors, ready=self.ready())
+        return HTTPResponse(200, [("content-type", CONTENT_TYPE)], text.encode())
 
     def _route_server_metadata(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         from .. import __version__
