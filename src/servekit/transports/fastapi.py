@@ -1,0 +1,183 @@
+"""create_router: servekit's routes as a FastAPI ``APIRouter`` (extra ``fastapi``).
+
+Unlike mounting :func:`~servekit.transports.create_asgi_app`, the router's routes are
+part of the host app's OpenAPI document, with each model's input and output JSON
+Schema (from its signature) on its ``predict`` route. The work is still done by the
+same sans-I/O :class:`~servekit.transports.Service`, so answers, limits and errors are
+those of the other adapters. The host owns the predictors' lifecycle: start and close
+them in its lifespan (they also start on first use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._predictor import Predictor
+from . import _v2
+from ._asgi import _run
+from ._core import HTTPRequest, HTTPResponse, Service, json_response
+
+__all__ = ["create_router"]
+
+
+def _inline(schema: Any, defs: Mapping[str, Any], depth: int = 0) -> Any:
+    """``schema`` with local ``$ref``s to ``$defs`` replaced by their definitions, so it
+    can sit inside an OpenAPI document (whose refs point elsewhere)."""
+    if depth > 32:
+        return {}  # a recursive model: stop expanding, accept anything below
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            target = defs.get(ref.removeprefix("#/$defs/"), {})
+            return _inline(target, defs, depth + 1)
+        return {k: _inline(v, defs, depth + 1) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline(v, defs, depth + 1) for v in schema]
+    return schema
+
+
+def _schemas(predictor: Predictor[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    both = predictor.signature.json_schema()
+    out = []
+    for side in ("input", "output"):
+        schema = both[side]
+        out.append(_inline(schema, schema.get("$defs", {})) if isinstance(schema, dict) else {})
+    return out[0], out[1]
+
+
+def create_router(
+    predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
+    *,
+    jobs: Any = None,
+    limits: _v2.Limits | None = None,
+    expose_model_errors: bool = False,
+    name: str = "servekit",
+) -> Any:
+    """An ``APIRouter`` with servekit's routes for ``predictors`` (see
+    :func:`~servekit.transports.create_asgi_app` for the routes and options); include
+    it with ``app.include_router(create_router(predictor), prefix="/ml")``."""
+    try:
+        from fastapi import APIRouter, Request
+        from fastapi.responses import Response
+    except ImportError:
+        raise ImportError(
+            'servekit.transports.fastapi needs FastAPI: pip install "servekit[fastapi]"'
+        ) from None
+
+    service = Service(
+        predictors, jobs=jobs, limits=limits, expose_model_errors=expose_model_errors, name=name
+    )
+    router = APIRouter()
+
+    async def handle(request: Request, path: str) -> Response:
+        limit = service.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            answer = json_response(
+                413,
+                {"error": {"code": "payload_too_large", "message": f"body over {limit} bytes"}},
+            )
+            return _response(answer)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _response(
+                    json_response(
+                        413,
+                        {"error": {"code": "payload_too_large", "message": f"over {limit}"}},
+                    )
+                )
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        prepared = service.prepare(HTTPRequest(request.method, path, headers, body))
+        if isinstance(prepared, HTTPResponse):
+            return _response(prepared)
+        finished = await _run(prepared, request.receive)
+        if finished is None:  # the client went away; nothing to send
+            return Response(status_code=499)
+        return _response(finished)
+
+    def _response(answer: HTTPResponse) -> Response:
+        headers = {k: v for k, v in answer.headers if k != "content-type"}
+        media = dict(answer.headers).get("content-type", "application/json")
+        return Response(answer.body, answer.status, headers=headers, media_type=media)
+
+    def add(path: str, methods: list[str], summary: str, **openapi: Any) -> None:
+        async def endpoint(request: Request) -> Response:
+            # The core routes on servekit's own paths, whatever prefix the host used.
+            return await handle(request, path.format(**request.path_params))
+
+        # Real classes, not the strings postponed annotations leave: FastAPI resolves
+        # names in the module's globals, where these imports (kept lazy) are not.
+        endpoint.__annotations__ = {"request": Request, "return": Response}
+        endpoint.__name__ = "servekit"  # operation ids: servekit_<path>_<method>
+        router.add_api_route(path, endpoint, methods=methods, summary=summary, **openapi)
+
+    error = {"description": "an error", "content": {"application/json": {"schema": _ERROR}}}
+    for key, predictor in service.predictors.items():
+        input_schema, output_schema = _schemas(predictor)
+        request_schema = {
+            "type": "object",
+            "required": ["input"],
+            "properties": {
+                "input": input_schema,
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                "priority": {"type": "integer"},
+            },
+        }
+        response_schema = {
+            "type": "object",
+            "properties": {
+                "model": {"type": "string"},
+                "version": {"type": ["string", "null"]},
+                "output": output_schema,
+            },
+        }
+        add(
+            f"/models/{key}/predict",
+            ["POST"],
+            f"Predict one input with {key}",
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": request_schema}},
+                }
+            },
+            responses={
+                200: {"content": {"application/json": {"schema": response_schema}}},
+                422: error,
+                429: error,
+                503: error,
+                504: error,
+            },
+        )
+        add(f"/models/{key}/predict_many", ["POST"], f"Predict many inputs with {key}")
+        add(f"/v2/models/{key}/infer", ["POST"], f"Open Inference Protocol infer ({key})")
+        add(f"/v2/models/{key}", ["GET"], f"Model metadata ({key})")
+        add(f"/v2/models/{key}/ready", ["GET"], f"Model readiness ({key})")
+    if service.default is not None:
+        add("/predict", ["POST"], "Predict one input")
+        add("/predict_many", ["POST"], "Predict many inputs")
+    add("/v2/health/live", ["GET"], "Liveness")
+    add("/v2/health/ready", ["GET"], "Readiness")
+    add("/v2", ["GET"], "Server metadata")
+    add("/metrics", ["GET"], "Metrics (Prometheus text format)")
+    if jobs is not None:
+        add("/jobs", ["POST"], "Submit a job")
+        add("/jobs/{job_id}", ["GET"], "Get a job")
+        add("/jobs/{job_id}", ["DELETE"], "Cancel a job")
+    return router
+
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
