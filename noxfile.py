@@ -61,7 +61,8 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every script in examples/."""
-    session.install("-e", ".[trio,parquet]")
+    # The framework examples need the frameworks they show (not servekit extras).
+    session.install("-e", ".[trio,parquet,serve,fastapi]", "httpx", "flask", "django")
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"running {script.name}")
         session.run("python", str(script))

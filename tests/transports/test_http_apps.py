@@ -15,6 +15,7 @@ import anyio.to_thread
 import httpx
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 import servekit as sk
 from servekit.jobs import JobQueue, MemoryJobStore
@@ -379,3 +380,68 @@ async def test_http_metrics_parse_with_prometheus_client() -> None:
     finally:
         await batched.aclose()
         await plain.aclose()
+
+
+class Reading(BaseModel):
+    celsius: float
+
+
+@sk.model
+def fahrenheit(batch: list[Reading]) -> list[float]:
+    return [r.celsius * 9 / 5 + 32 for r in batch]
+
+
+@pytest.mark.anyio
+async def test_http_mounted_under_a_prefix_and_named_one_field_inputs() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    predictor = sk.Predictor(fahrenheit, name="f")
+    host = Starlette(routes=[Mount("/raw", app=create_asgi_app(predictor, lifespan=False))])
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=host), base_url="http://t"
+        ) as http:
+            native = await http.post("/raw/predict", json={"input": {"celsius": 100}})
+            assert native.status_code == 200, native.text
+            assert native.json()["output"] == 212.0
+            infer = await http.post(
+                "/raw/v2/models/f/infer",
+                json={
+                    "inputs": [
+                        {"name": "celsius", "shape": [2], "datatype": "FP64", "data": [0, 100]}
+                    ]
+                },
+            )
+            assert infer.status_code == 200, infer.text
+            assert infer.json()["outputs"][0]["data"] == [32.0, 212.0]
+            missing = await http.get("/raw/v2/models/nope")
+            assert missing.status_code == 404
+            assert isinstance(missing.json()["error"], str)  # the OIP error shape
+            assert missing.json()["code"] == "not_found"
+    finally:
+        await predictor.aclose()
+
+
+def test_wsgi_start_makes_it_ready_before_the_first_request() -> None:
+    predictor = sk.Predictor(double)
+    app = create_wsgi_app(predictor)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+        assert http.get("/v2/health/ready").status_code == 503
+        app.start()
+        assert http.get("/v2/health/ready").json() == {"ready": True}
+        app.close()
+        assert http.get("/v2/health/ready").status_code == 503
+        assert http.post("/predict", json={"input": 1}).status_code == 503
+    assert predictor.state is sk.PredictorState.CLOSED
+
+
+def test_http_metadata_of_nested_list_inputs() -> None:
+    @sk.model
+    def rows(batch: list[list[float]]) -> list[float]:
+        return [sum(r) for r in batch]
+
+    app = create_wsgi_app(sk.Predictor(rows, name="rows"))
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+        (spec,) = http.get("/v2/models/rows").json()["inputs"]
+    assert spec == {"name": "input", "datatype": "FP64", "shape": [-1, -1]}

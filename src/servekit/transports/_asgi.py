@@ -24,7 +24,7 @@ import anyio
 
 from .._predictor import Predictor
 from . import _v2
-from ._core import Call, HTTPRequest, HTTPResponse, Service, json_response
+from ._core import Call, HTTPRequest, HTTPResponse, Service
 
 __all__ = ["ASGIApp", "create_asgi_app"]
 
@@ -89,6 +89,11 @@ class ASGIApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
         method, path = scope["method"], scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            # Mounted (Starlette's Mount, uvicorn --root-path): route on the path
+            # below the mount point.
+            path = path[len(root) :] or "/"
         matched = service.match(method, path)
         if isinstance(matched, HTTPResponse):
             await _send(send, matched, method)
@@ -96,10 +101,14 @@ class ASGIApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit = service.limits.max_body_bytes
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _send(send, _too_large(limit) if declared.isdigit() else _bad_length(), method)
+        if declared is not None and not declared.isdigit():
+            bad = service.reject(path, 400, "bad_request", "content-length is not a number")
+            await _send(send, bad, method)
             return
-        body = await _read_body(receive, limit)
+        if declared is not None and int(declared) > limit:
+            await _send(send, _too_large(service, path, limit), method)
+            return
+        body = await _read_body(receive, limit, service, path)
         if body is None:  # disconnected while sending the body
             return
         if isinstance(body, HTTPResponse):
@@ -115,7 +124,9 @@ class ASGIApp:
             await _send(send, response, method)
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | HTTPResponse | None:
+async def _read_body(
+    receive: Receive, limit: int, service: Service, path: str
+) -> bytes | HTTPResponse | None:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -125,7 +136,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes | HTTPResponse | Non
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return _too_large(limit)
+            return _too_large(service, path, limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -166,22 +177,9 @@ async def _send(send: Send, response: HTTPResponse, method: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _too_large(limit: int) -> HTTPResponse:
-    return json_response(
-        413,
-        {
-            "error": {
-                "code": "payload_too_large",
-                "message": f"the request body is over the limit of {limit} bytes",
-            }
-        },
-    )
-
-
-def _bad_length() -> HTTPResponse:
-    return json_response(
-        400, {"error": {"code": "bad_request", "message": "content-length is not a number"}}
-    )
+def _too_large(service: Service, path: str, limit: int) -> HTTPResponse:
+    message = f"the request body is over the limit of {limit} bytes"
+    return service.reject(path, 413, "payload_too_large", message)
 
 
 def create_asgi_app(

@@ -41,7 +41,15 @@ from .._predictor import Predictor
 from ..errors import Closed, JobNotFound, ModelError, Overloaded, ServekitError
 from . import _v2
 
-__all__ = ["STATUS", "Call", "HTTPRequest", "HTTPResponse", "Service", "error_response"]
+__all__ = [
+    "STATUS",
+    "Call",
+    "HTTPRequest",
+    "HTTPResponse",
+    "Service",
+    "error_body",
+    "error_response",
+]
 
 _log = logging.getLogger("servekit.transports")
 
@@ -109,9 +117,19 @@ def json_response(
     return HTTPResponse(status, [*_JSON, *(headers or [])], body)
 
 
-def error_response(error: BaseException, *, expose_model_errors: bool = False) -> HTTPResponse:
+def error_body(code: str, message: str, *, v2: bool = False) -> dict[str, Any]:
+    """An error body: ``{"error": {"code", "message"}}``, or on the Open Inference
+    Protocol routes the spec's ``{"error": message}`` with the code beside it."""
+    if v2:
+        return {"error": message, "code": code}
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    error: BaseException, *, expose_model_errors: bool = False, v2: bool = False
+) -> HTTPResponse:
     """The response for an error: status from :data:`STATUS`, a JSON body with the
-    code and a message fit for clients."""
+    code and a message fit for clients (:func:`error_body`)."""
     if isinstance(error, ServekitError):
         code = error.code
         message = error.message
@@ -125,13 +143,18 @@ def error_response(error: BaseException, *, expose_model_errors: bool = False) -
     headers = []
     if isinstance(error, Overloaded):
         headers.append(("retry-after", str(max(1, math.ceil(error.retry_after_s)))))
-    return json_response(status, {"error": {"code": code, "message": message}}, headers)
+    return json_response(status, error_body(code, message, v2=v2), headers)
 
 
 def _plain_error(
-    status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    v2: bool = False,
 ) -> HTTPResponse:
-    return json_response(status, {"error": {"code": code, "message": message}}, headers)
+    return json_response(status, error_body(code, message, v2=v2), headers)
 
 
 class _BadRequest(ServekitError):
@@ -210,6 +233,7 @@ class Service:
                 params = {k: v for k, v in found.groupdict().items() if v is not None}
                 return route, params
             allowed.extend(methods)
+        v2 = _is_v2(path)
         if allowed:
             allow = ", ".join(sorted(set(allowed)))
             return _plain_error(
@@ -217,8 +241,14 @@ class Service:
                 "method_not_allowed",
                 f"{method} is not allowed here; use {allow}",
                 [("allow", allow)],
+                v2=v2,
             )
-        return _plain_error(404, "not_found", f"no route for {path!r}")
+        return _plain_error(404, "not_found", f"no route for {path!r}", v2=v2)
+
+    def reject(self, path: str, status: int, code: str, message: str) -> HTTPResponse:
+        """An error response the adapters build themselves (a body over the limit, a
+        bad content-length), shaped for ``path``'s protocol."""
+        return _plain_error(status, code, message, v2=_is_v2(path))
 
     def ready(self) -> bool:
         """True while accepting requests and every predictor is ready."""
@@ -248,14 +278,12 @@ class Service:
         route, params = matched
         try:
             return getattr(self, f"_route_{route}")(request, params)  # type: ignore[no-any-return]
-        except ServekitError as exc:
-            return self.error(exc)
-        except Exception as exc:  # never a traceback to the client
-            return self.error(exc)
+        except Exception as exc:  # a ServekitError, or never a traceback to the client
+            return self.error(exc, v2=_is_v2(request.path))
 
-    def error(self, exc: BaseException) -> HTTPResponse:
+    def error(self, exc: BaseException, *, v2: bool = False) -> HTTPResponse:
         """The response for ``exc`` under this service's settings."""
-        return error_response(exc, expose_model_errors=self.expose_model_errors)
+        return error_response(exc, expose_model_errors=self.expose_model_errors, v2=v2)
 
     def _refuse_when_closing(self) -> None:
         if not self.accepting:
@@ -374,7 +402,8 @@ class Service:
         if not request.body:
             raise _BadRequest("the request body is empty; send an inference request")
         infer = _v2.decode_infer_request(request.body, header_length=header, limits=self.limits)
-        items = _rows(infer)
+        schema = predictor.signature.json_schema()["input"]
+        items = _rows(infer, named=_is_object(schema))
         timeout_s, priority = infer.timeout_s, infer.priority or 0
 
         async def run_async() -> Any:
@@ -412,7 +441,7 @@ class Service:
                 binary=binary,
             )
         except ServekitError as exc:
-            return self.error(exc)
+            return self.error(exc, v2=True)
         headers = list(_JSON)
         if header_length is not None:
             headers = [
@@ -484,6 +513,10 @@ class Service:
         return json_response(200, _to_json(job_dict(result)))
 
 
+def _is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def _options(body: dict[str, Any]) -> tuple[float | None, int]:
     timeout_s = body.get("timeout_s")
     if timeout_s is not None and (
@@ -524,8 +557,20 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def _rows(infer: Any) -> list[Any]:
-    """The items of an infer request: the first dimension of every input is the batch."""
+def _is_object(schema: Any) -> bool:
+    """True if a model's input schema is an object with named fields (a pydantic model,
+    a TypedDict, a dataclass), whose items must be dicts even with one tensor."""
+    if not isinstance(schema, dict):
+        return False
+    if "$ref" in schema and isinstance(schema.get("$defs"), dict):
+        schema = schema["$defs"].get(str(schema["$ref"]).rsplit("/", 1)[-1], {})
+    return schema.get("type") == "object" and bool(schema.get("properties"))
+
+
+def _rows(infer: Any, *, named: bool = False) -> list[Any]:
+    """The items of an infer request: the first dimension of every input is the batch.
+    One tensor gives its rows as they are, unless the model takes named fields
+    (``named``): then, as with several tensors, each item is ``{name: row}``."""
     tensors = infer.inputs
     sizes = {t.shape[0] if t.shape else 1 for t in tensors}
     if len(sizes) != 1:
@@ -534,7 +579,7 @@ def _rows(infer: Any) -> list[Any]:
             + ", ".join(f"{t.name}: {list(t.shape)}" for t in tensors)
         )
     (n,) = sizes
-    if len(tensors) == 1:
+    if len(tensors) == 1 and not named:
         data = tensors[0].data
         return [data[i] for i in range(n)] if data.ndim else [data.item()]
     return [
@@ -578,6 +623,9 @@ def _tensor_specs(schema: Any, default: str) -> list[dict[str, Any]]:
     kinds = {"number": "FP64", "integer": "INT64", "boolean": "BOOL", "string": "BYTES"}
     if schema.get("type") in kinds:
         return [{"name": default, "datatype": kinds[schema["type"]], "shape": [-1]}]
+    if schema.get("type") == "array":  # nested lists of numbers: one more variable dim
+        inner = _tensor_specs(schema.get("items"), default)[0]
+        return [{**inner, "shape": [-1, *inner["shape"]]}]
     properties = schema.get("properties")
     if isinstance(properties, dict) and properties:
         return [

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._predictor import Predictor
 from . import _v2
-from ._core import HTTPRequest, HTTPResponse, Service, json_response
+from ._core import HTTPRequest, HTTPResponse, Service
 
 __all__ = ["WSGIApp", "create_wsgi_app"]
 
@@ -24,6 +24,24 @@ class WSGIApp:
     def __init__(self, service: Service) -> None:
         #: The sans-I/O core (routes, limits, the error table).
         self.service = service
+
+    def start(self) -> None:
+        """Start every predictor (and the job queue) now, so readiness is true before
+        the first request: call it when the host process starts."""
+        for predictor in self.service.predictors.values():
+            predictor.start()
+        if self.service.jobs is not None:
+            self.service.jobs.start()
+        self.service.accepting = True
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Turn readiness off, refuse new work, then drain and close the predictors and
+        the job queue: call it from the host's shutdown hook."""
+        self.service.accepting = False
+        if self.service.jobs is not None:
+            self.service.jobs.close(grace_s)
+        for predictor in self.service.predictors.values():
+            predictor.close(grace_s)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The PEP 3333 entry point."""
@@ -43,9 +61,10 @@ class WSGIApp:
         limit = service.limits.max_body_bytes
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared and not declared.isdigit():
-            return _error(400, "bad_request", "content-length is not a number")
+            return service.reject(path, 400, "bad_request", "content-length is not a number")
+        too_large = f"the request body is over the limit of {limit} bytes"
         if declared and int(declared) > limit:
-            return _error(413, "payload_too_large", f"the body is over {limit} bytes")
+            return service.reject(path, 413, "payload_too_large", too_large)
         stream = environ["wsgi.input"]
         if declared:
             body = stream.read(int(declared))
@@ -53,7 +72,7 @@ class WSGIApp:
             # Unknown length (chunked): read at most one byte past the limit.
             body = stream.read(limit + 1) if environ.get("wsgi.input_terminated") else b""
             if len(body) > limit:
-                return _error(413, "payload_too_large", f"the body is over {limit} bytes")
+                return service.reject(path, 413, "payload_too_large", too_large)
         headers = {
             key[5:].replace("_", "-").lower(): value
             for key, value in environ.items()
@@ -72,10 +91,6 @@ class WSGIApp:
         return prepared.finish(result)
 
 
-def _error(status: int, code: str, message: str) -> HTTPResponse:
-    return json_response(status, {"error": {"code": code, "message": message}})
-
-
 def create_wsgi_app(
     predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
     *,
@@ -85,8 +100,9 @@ def create_wsgi_app(
     name: str = "servekit",
 ) -> WSGIApp:
     """A PEP 3333 app serving ``predictors``, with the same routes and answers as
-    :func:`create_asgi_app`. Predictors start on their first request; close them (and
-    the job queue) when the host shuts down."""
+    :func:`create_asgi_app`. Predictors start on their first request, or with
+    :meth:`WSGIApp.start` (do that at start-up, so readiness probes pass on an idle
+    process); :meth:`WSGIApp.close` drains them at shutdown."""
     return WSGIApp(
         Service(
             predictors,

@@ -16,7 +16,7 @@ from typing import Any
 from .._predictor import Predictor
 from . import _v2
 from ._asgi import _run
-from ._core import HTTPRequest, HTTPResponse, Service, json_response
+from ._core import HTTPRequest, HTTPResponse, Service
 
 __all__ = ["create_router"]
 
@@ -73,24 +73,19 @@ def create_router(
     async def handle(request: Request, path: str) -> Response:
         limit = service.limits.max_body_bytes
         declared = request.headers.get("content-length")
+        too_large = service.reject(
+            path, 413, "payload_too_large", f"the request body is over the limit of {limit} bytes"
+        )
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            answer = json_response(
-                413,
-                {"error": {"code": "payload_too_large", "message": f"body over {limit} bytes"}},
-            )
-            return _response(answer)
+            return _response(too_large)
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                return _response(
-                    json_response(
-                        413,
-                        {"error": {"code": "payload_too_large", "message": f"over {limit}"}},
-                    )
-                )
+                return _response(too_large)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        prepared = service.prepare(HTTPRequest(request.method, path, headers, body))
+        query = request.url.query
+        prepared = service.prepare(HTTPRequest(request.method, path, headers, body, query))
         if isinstance(prepared, HTTPResponse):
             return _response(prepared)
         finished = await _run(prepared, request.receive)
