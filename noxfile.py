@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples", "conformance"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -80,3 +80,11 @@ def bench(session: nox.Session) -> None:
             continue
         session.log(f"running {script.name}")
         session.run("python", str(script), env={**os.environ, **env})
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """TR-11: schemathesis over the Open Inference Protocol REST spec, against a real
+    `servekit serve` on 127.0.0.1 (0 failures; about two minutes)."""
+    session.install("-e", ".[serve]", "schemathesis>=4")
+    session.run("python", "tests/conformance/run_schemathesis.py")

@@ -365,7 +365,11 @@ def _serve(args: argparse.Namespace) -> int:
         jobs = JobQueue(first, store=args.jobs, workers=args.job_workers)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_asgi_app(
-        predictors, jobs=jobs, limits=limits, expose_model_errors=args.expose_model_errors
+        predictors,
+        jobs=jobs,
+        limits=limits,
+        expose_model_errors=args.expose_model_errors,
+        grace_s=args.grace_s,
     )
 
     class Server(uvicorn.Server):

@@ -445,3 +445,30 @@ def test_http_metadata_of_nested_list_inputs() -> None:
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
         (spec,) = http.get("/v2/models/rows").json()["inputs"]
     assert spec == {"name": "input", "datatype": "FP64", "shape": [-1, -1]}
+
+
+class Labelled(BaseModel):
+    label: str
+    score: float
+
+
+@sk.model
+def labeler(batch: list[str]) -> list[Labelled]:
+    return [Labelled(label=x.upper(), score=len(x)) for x in batch]
+
+
+@pytest.mark.anyio
+async def test_http_v2_infer_of_a_model_returning_pydantic_models() -> None:
+    predictor = sk.Predictor(labeler, name="lab")
+    app = create_asgi_app(predictor)
+    request = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "bc"]}]}
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as http:
+            response = await http.post("/v2/models/lab/infer", json=request)
+        assert response.status_code == 200, response.text
+        outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
+        assert outputs == {"label": ["A", "BC"], "score": [1.0, 2.0]}
+    finally:
+        await predictor.aclose()

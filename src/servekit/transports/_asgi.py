@@ -37,10 +37,12 @@ Send = Callable[[Message], Awaitable[None]]
 class ASGIApp:
     """The ASGI application :func:`create_asgi_app` returns; ``service`` is its core."""
 
-    def __init__(self, service: Service, *, lifespan: bool = True) -> None:
+    def __init__(self, service: Service, *, lifespan: bool = True, grace_s: float = 30.0) -> None:
         #: The sans-I/O core (routes, limits, the error table).
         self.service = service
         self._lifespan = lifespan
+        #: How long lifespan shutdown lets predictors and jobs drain.
+        self.grace_s = grace_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI 3 entry point."""
@@ -80,7 +82,7 @@ class ASGIApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._lifespan:
-                    await self.shutdown()
+                    await self.shutdown(self.grace_s)
                 else:
                     self.service.accepting = False
                 await send({"type": "lifespan.shutdown.complete"})
@@ -190,6 +192,7 @@ def create_asgi_app(
     expose_model_errors: bool = False,
     lifespan: bool = True,
     name: str = "servekit",
+    grace_s: float = 30.0,
 ) -> ASGIApp:
     """A pure ASGI 3 app serving ``predictors`` (one, or a mapping of names to them).
 
@@ -198,7 +201,8 @@ def create_asgi_app(
     extension); ``POST /predict`` and ``/predict_many`` (``/models/NAME/...`` with
     several models) with native JSON; and with ``jobs`` (a
     :class:`~servekit.jobs.JobQueue`), ``POST /jobs`` (202 and a ``Location``),
-    ``GET /jobs/ID`` and ``DELETE /jobs/ID``. See :class:`Service` for the options.
+    ``GET /jobs/ID`` and ``DELETE /jobs/ID``. See :class:`Service` for the options;
+    ``grace_s`` bounds the drain at lifespan shutdown.
     """
     service = Service(
         predictors,
@@ -207,4 +211,4 @@ def create_asgi_app(
         expose_model_errors=expose_model_errors,
         name=name,
     )
-    return ASGIApp(service, lifespan=lifespan)
+    return ASGIApp(service, lifespan=lifespan, grace_s=grace_s)

@@ -313,7 +313,8 @@ class Service:
     def _route_server_metadata(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         from .. import __version__
 
-        return json_response(200, _v2.server_metadata(self.name, __version__, []))
+        extensions = ["binary_tensor_data"]  # the binary tensor data extension
+        return json_response(200, _v2.server_metadata(self.name, __version__, extensions))
 
     def _route_model_ready(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         predictor = self._predictor(params)
@@ -440,7 +441,7 @@ class Service:
                 outputs=tensors,
                 binary=binary,
             )
-        except ServekitError as exc:
+        except Exception as exc:  # an output that is no tensor: an error body, not a crash
             return self.error(exc, v2=True)
         headers = list(_JSON)
         if header_length is not None:
@@ -588,7 +589,8 @@ def _rows(infer: Any, *, named: bool = False) -> list[Any]:
 
 
 def _outputs(values: list[Any]) -> list[Any]:
-    """Output tensors from a list of per-item outputs."""
+    """Output tensors from a list of per-item outputs (pydantic models count as dicts)."""
+    values = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in values]
     if values and all(isinstance(v, dict) for v in values):
         names = list(dict.fromkeys(k for v in values for k in v))
         return [_v2.tensor_from_array(str(n), _stack([v.get(n) for v in values])) for n in names]

@@ -45,8 +45,9 @@ def _summary(family: _Family, labels: Mapping[str, str], latency: Any) -> None:
     quantiles = (("0.5", latency.p50_s), ("0.9", latency.p90_s), ("0.99", latency.p99_s))
     for quantile, value in quantiles:
         family.add({**labels, "quantile": quantile}, float(value))
+    # No _sum: the quantiles and mean cover a recent window only, so a sum derived from
+    # them could go down, and rate() over it would lie. _count is all-time.
     family.add(labels, float(latency.count), "_count")
-    family.add(labels, float(latency.mean_s * latency.count), "_sum")
 
 
 def render(predictors: Mapping[str, Any], *, ready: bool) -> str:
@@ -81,7 +82,7 @@ def render(predictors: Mapping[str, Any], *, ready: bool) -> str:
         b = batcher.statistics()
         f["depth"].add(labels, b.queue_depth)
         f["batches"].add(labels, b.batches)
-        for outcome in ("succeeded", "failed", "rejected", "expired", "cancelled"):
+        for outcome in ("succeeded", "failed", "rejected", "expired", "cancelled", "closed"):
             f["items"].add({**labels, "outcome": outcome}, getattr(b, outcome))
         cumulative = 0
         sizes = dict(b.batch_sizes)
