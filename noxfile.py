@@ -71,7 +71,7 @@ def examples(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in benchmarks/ and print ratios measured in one run."""
-    session.install("-e", ".[trio,parquet]")
+    session.install("-e", ".[trio,parquet,serve]", "starlette")
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     selected = [s for s in scripts if not session.posargs or s.stem in session.posargs]

@@ -472,3 +472,16 @@ async def test_http_v2_infer_of_a_model_returning_pydantic_models() -> None:
         assert outputs == {"label": ["A", "BC"], "score": [1.0, 2.0]}
     finally:
         await predictor.aclose()
+
+
+@pytest.mark.anyio
+async def test_http_openapi_json_has_each_models_schemas(client: Client) -> None:
+    response = await client("GET", "/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.1")
+    route = document["paths"]["/models/norms/predict"]["post"]
+    body = route["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["input"]["x-dtype"] == "float32"
+    assert "429" in route["responses"]
+    assert "/jobs" in document["paths"]

@@ -179,6 +179,7 @@ _ROUTES: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("predict_many", ("POST",), re.compile(r"(?:/models/(?P<model>[^/]+))?/predict_many")),
     ("jobs", ("POST", "GET"), re.compile(r"(?:/models/(?P<model>[^/]+))?/jobs")),
     ("metrics", ("GET",), re.compile(r"/metrics")),
+    ("openapi", ("GET",), re.compile(r"/openapi\.json")),
     ("job", ("GET", "DELETE"), re.compile(r"/jobs/(?P<job>[^/]+)")),
 ]
 
@@ -303,6 +304,15 @@ class Service:
     def _route_ready(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         ready = self.ready()
         return json_response(200 if ready else 503, {"ready": ready})
+
+    def _route_openapi(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        from .. import __version__
+        from ._openapi import openapi_document
+
+        document = openapi_document(
+            self.predictors, title=self.name, version=__version__, jobs=self.jobs is not None
+        )
+        return json_response(200, document)
 
     def _route_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         from ._metrics import CONTENT_TYPE, render

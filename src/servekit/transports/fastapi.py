@@ -17,33 +17,9 @@ from .._predictor import Predictor
 from . import _v2
 from ._asgi import _run
 from ._core import HTTPRequest, HTTPResponse, Service
+from ._openapi import ERROR_SCHEMA, model_schemas, predict_request_schema, predict_response_schema
 
 __all__ = ["create_router"]
-
-
-def _inline(schema: Any, defs: Mapping[str, Any], depth: int = 0) -> Any:
-    """``schema`` with local ``$ref``s to ``$defs`` replaced by their definitions, so it
-    can sit inside an OpenAPI document (whose refs point elsewhere)."""
-    if depth > 32:
-        return {}  # a recursive model: stop expanding, accept anything below
-    if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
-            target = defs.get(ref.removeprefix("#/$defs/"), {})
-            return _inline(target, defs, depth + 1)
-        return {k: _inline(v, defs, depth + 1) for k, v in schema.items() if k != "$defs"}
-    if isinstance(schema, list):
-        return [_inline(v, defs, depth + 1) for v in schema]
-    return schema
-
-
-def _schemas(predictor: Predictor[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    both = predictor.signature.json_schema()
-    out = []
-    for side in ("input", "output"):
-        schema = both[side]
-        out.append(_inline(schema, schema.get("$defs", {})) if isinstance(schema, dict) else {})
-    return out[0], out[1]
 
 
 def create_router(
@@ -109,26 +85,11 @@ def create_router(
         endpoint.__name__ = "servekit"  # operation ids: servekit_<path>_<method>
         router.add_api_route(path, endpoint, methods=methods, summary=summary, **openapi)
 
-    error = {"description": "an error", "content": {"application/json": {"schema": _ERROR}}}
+    error = {"description": "an error", "content": {"application/json": {"schema": ERROR_SCHEMA}}}
     for key, predictor in service.predictors.items():
-        input_schema, output_schema = _schemas(predictor)
-        request_schema = {
-            "type": "object",
-            "required": ["input"],
-            "properties": {
-                "input": input_schema,
-                "timeout_s": {"type": "number", "exclusiveMinimum": 0},
-                "priority": {"type": "integer"},
-            },
-        }
-        response_schema = {
-            "type": "object",
-            "properties": {
-                "model": {"type": "string"},
-                "version": {"type": ["string", "null"]},
-                "output": output_schema,
-            },
-        }
+        input_schema, output_schema = model_schemas(predictor)
+        request_schema = predict_request_schema(input_schema)
+        response_schema = predict_response_schema(output_schema)
         add(
             f"/models/{key}/predict",
             ["POST"],
@@ -163,16 +124,3 @@ def create_router(
         add("/jobs/{job_id}", ["GET"], "Get a job")
         add("/jobs/{job_id}", ["DELETE"], "Cancel a job")
     return router
-
-
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-        }
-    },
-}
