@@ -117,7 +117,7 @@ class ASGIApp:
             await _send(send, body, method)
             return
         request = HTTPRequest(method, path, headers, body, scope.get("query_string", b"").decode())
-        prepared = service.prepare(request)
+        prepared = service.prepare(request, matched)
         if isinstance(prepared, HTTPResponse):
             await _send(send, prepared, method)
             return
@@ -146,6 +146,11 @@ async def _read_body(
 
 async def _run(call: Call, receive: Receive) -> HTTPResponse | None:
     """Run the call; None if the client disconnected (the work was cancelled)."""
+    if not call.cancellable:
+        try:
+            return call.finish(await call.run_async())
+        except Exception as exc:
+            return call.finish(exc)
     result: Any = None
     disconnected = False
     async with anyio.create_task_group() as group:

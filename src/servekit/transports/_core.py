@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .._predictor import Predictor
+from ..backends import Inline
 from ..errors import Closed, JobNotFound, ModelError, Overloaded, ServekitError
 from . import _v2
 
@@ -107,6 +108,9 @@ class Call:
     run_async: Callable[[], Awaitable[Any]]
     #: The response for the work's result (an exception is passed as the result).
     finish: Callable[[Any], HTTPResponse]
+    #: Whether a client disconnect can stop the work (it waits in a queue or awaits):
+    #: adapters watch for disconnects only then, which costs a task per request.
+    cancellable: bool = True
 
 
 def json_response(
@@ -184,6 +188,16 @@ _ROUTES: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
 ]
 
 
+# Paths without parameters, looked up before the patterns (the common requests).
+_STATIC: dict[str, tuple[str, tuple[str, ...]]] = {
+    "/predict": ("predict", ("POST",)),
+    "/predict_many": ("predict_many", ("POST",)),
+    "/v2/health/live": ("live", ("GET", "HEAD")),
+    "/v2/health/ready": ("ready", ("GET", "HEAD")),
+    "/metrics": ("metrics", ("GET", "HEAD")),
+}
+
+
 class Service:
     """The routes over one predictor or a mapping of names to predictors.
 
@@ -225,6 +239,9 @@ class Service:
     def match(self, method: str, path: str) -> tuple[str, dict[str, str]] | HTTPResponse:
         """The route for ``method path`` and its parameters, or the 404/405 response.
         Adapters call it before reading the body."""
+        static = _STATIC.get(path)
+        if static is not None and method in static[1]:
+            return static[0], {}
         allowed: list[str] = []
         for route, methods, pattern in _ROUTES:
             found = pattern.fullmatch(path.rstrip("/") or "/")
@@ -271,9 +288,15 @@ class Service:
 
     # --- handling ------------------------------------------------------------------
 
-    def prepare(self, request: HTTPRequest) -> HTTPResponse | Call:
-        """What to do with ``request``: a response now, or a :class:`Call` to run."""
-        matched = self.match(request.method, request.path)
+    def prepare(
+        self,
+        request: HTTPRequest,
+        matched: tuple[str, dict[str, str]] | HTTPResponse | None = None,
+    ) -> HTTPResponse | Call:
+        """What to do with ``request``: a response now, or a :class:`Call` to run.
+        ``matched`` is :meth:`match`'s answer when the adapter has it already."""
+        if matched is None:
+            matched = self.match(request.method, request.path)
         if isinstance(matched, HTTPResponse):
             return matched
         route, params = matched
@@ -345,6 +368,16 @@ class Service:
             ),
         )
 
+    @staticmethod
+    def _cancellable(predictor: Predictor[Any, Any]) -> bool:
+        # A sync model on Inline without a batcher runs on the event loop in one go:
+        # there is nothing a disconnect could take back.
+        return (
+            predictor.batcher is not None
+            or not isinstance(predictor.backend, Inline)
+            or predictor.model.is_async
+        )
+
     def _route_predict(self, request: HTTPRequest, params: dict[str, str]) -> Call:
         predictor = self._predictor(params)
         self._refuse_when_closing()
@@ -361,6 +394,7 @@ class Service:
                 x, timeout_s=timeout_s, priority=priority
             ),
             finish=lambda result: self._finish_predict(predictor, result),
+            cancellable=self._cancellable(predictor),
         )
 
     def _finish_predict(self, predictor: Predictor[Any, Any], result: Any) -> HTTPResponse:
@@ -386,6 +420,7 @@ class Service:
                 xs, timeout_s=timeout_s, priority=priority, return_exceptions=True
             ),
             finish=lambda result: self._finish_many(predictor, result),
+            cancellable=self._cancellable(predictor),
         )
 
     def _finish_many(self, predictor: Predictor[Any, Any], result: Any) -> HTTPResponse:
@@ -424,6 +459,7 @@ class Service:
             run_sync=lambda: predictor.predict_many(items, timeout_s=timeout_s, priority=priority),
             run_async=run_async,
             finish=lambda result: self._finish_infer(predictor, infer, result),
+            cancellable=self._cancellable(predictor),
         )
 
     def _finish_infer(

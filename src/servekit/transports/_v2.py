@@ -305,6 +305,11 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+_DECODER = json.JSONDecoder(
+    parse_constant=_refuse_constant, object_pairs_hook=_object_without_duplicates
+)
+
+
 def parse_json_bounded(body: bytes | memoryview, max_depth: int) -> Any:
     """Parse UTF-8 JSON ``body``, refusing nesting deeper than ``max_depth``.
 
@@ -320,7 +325,9 @@ def parse_json_bounded(body: bytes | memoryview, max_depth: int) -> Any:
     except UnicodeDecodeError as exc:
         raise V2Error(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     depth = 0
-    for match in _SCAN.finditer(text):
+    # Fewer brackets in all than the limit (most bodies): no need to scan for depth.
+    scan = text.count("[") + text.count("{") > max_depth
+    for match in _SCAN.finditer(text) if scan else ():
         token = match.group()
         if token in _OPENERS:
             depth += 1
@@ -329,11 +336,7 @@ def parse_json_bounded(body: bytes | memoryview, max_depth: int) -> Any:
         elif token in _CLOSERS:
             depth -= 1
     try:
-        return json.loads(
-            text,
-            parse_constant=_refuse_constant,
-            object_pairs_hook=_object_without_duplicates,
-        )
+        return _DECODER.decode(text)
     except V2Error:
         raise
     except RecursionError:  # pragma: no cover - the scan bounds the depth

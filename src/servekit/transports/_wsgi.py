@@ -81,7 +81,7 @@ class WSGIApp:
         if environ.get("CONTENT_TYPE"):
             headers["content-type"] = environ["CONTENT_TYPE"]
         request = HTTPRequest(method, path, headers, body, environ.get("QUERY_STRING", ""))
-        prepared = service.prepare(request)
+        prepared = service.prepare(request, matched)
         if isinstance(prepared, HTTPResponse):
             return prepared
         try:
