@@ -17,16 +17,20 @@ FastAPI or Starlette (``app.mount("/ml", create_asgi_app(predictor))``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from .._predictor import Predictor
 from . import _v2
 from ._core import Call, HTTPRequest, HTTPResponse, Service
 
 __all__ = ["ASGIApp", "create_asgi_app"]
+
+_log = logging.getLogger("servekit.transports")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,10 +68,21 @@ class ASGIApp:
         """Turn readiness off, refuse new work, then drain and close the predictors
         and the job queue (what lifespan shutdown does)."""
         self.service.accepting = False
+        closers = [p.close for p in self.service.predictors.values()]
         if self.service.jobs is not None:
-            await self.service.jobs.aclose(grace_s)
-        for predictor in self.service.predictors.values():
-            await predictor.aclose(grace_s)
+            closers.insert(0, self.service.jobs.close)
+        # Bounded (SD-02): queued work fails with Closed after the grace, but a batch
+        # stuck inside a model cannot be interrupted (threads); after the grace and a
+        # second, shutdown returns and leaves that thread behind so the server can exit.
+        with anyio.move_on_after(grace_s + 1.0) as scope:
+            for close in closers:
+                await anyio.to_thread.run_sync(close, grace_s, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            _log.warning(
+                "servekit: shutdown did not finish within grace_s=%s (a model is still "
+                "running); leaving it behind",
+                grace_s,
+            )
 
     async def _lifespan_events(self, receive: Receive, send: Send) -> None:
         while True:
