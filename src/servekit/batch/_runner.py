@@ -232,6 +232,7 @@ def run_batch(
         )
     owned = not isinstance(predictor, Predictor)
     model: Predictor[Any, Any] = Predictor(predictor) if owned else predictor
+    described = src.describe()  # the input's identity: in the manifest, and its size
     manifest = {
         "servekit_batch": 1,
         "chunk_size": chunk_size,
@@ -239,7 +240,7 @@ def run_batch(
         "columns": inputs,
         "passthrough": list(passthrough),
         "output": output,
-        "source": src.describe(),
+        "source": described,
     }
     if concurrency is None:
         # One chunk per worker of the back end: while one chunk's results come back
@@ -264,7 +265,6 @@ def run_batch(
         start_chunk = 0
         while start_chunk in done:
             start_chunk += 1
-        described = src.describe()
         total = described.get("rows")
         if total is None and described.get("shape"):
             total = described["shape"][0]  # numpy arrays: rows are the first axis

@@ -385,7 +385,7 @@ class Service:
         if not isinstance(body, dict) or "input" not in body:
             raise _BadRequest('send {"input": ...} (and optionally "timeout_s", "priority")')
         timeout_s, priority = _options(body)
-        x = _from_json(body["input"])
+        x = body["input"]  # lists stay lists: the signature converts them
         return Call(
             run_sync=lambda: predictor.predict_with_version(
                 x, timeout_s=timeout_s, priority=priority
@@ -411,7 +411,7 @@ class Service:
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
             raise _BadRequest('send {"inputs": [...]} (and optionally "timeout_s", "priority")')
         timeout_s, priority = _options(body)
-        xs = [_from_json(x) for x in body["inputs"]]
+        xs = list(body["inputs"])
         return Call(
             run_sync=lambda: predictor.predict_many(
                 xs, timeout_s=timeout_s, priority=priority, return_exceptions=True
@@ -574,12 +574,6 @@ def _options(body: dict[str, Any]) -> tuple[float | None, int]:
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise _BadRequest("priority must be an integer")
     return (None if timeout_s is None else float(timeout_s)), priority
-
-
-def _from_json(value: Any) -> Any:
-    """A JSON input as the model gets it: lists stay lists (the signature converts
-    them, e.g. to numpy arrays for an ``Array`` input)."""
-    return value
 
 
 def _to_json(value: Any) -> Any:
