@@ -7,7 +7,9 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples", "conformance"]
+# `tests` runs last, so that pytest's summary is the closing line of a plain `nox` run
+# (CI reads the last test runner's summary; schemathesis prints one of its own).
+nox.options.sessions = ["lint", "typecheck", "docs", "examples", "conformance", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
