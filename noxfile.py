@@ -64,7 +64,7 @@ def docs(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Run every script in examples/."""
     # The framework examples need the frameworks they show (not servekit extras).
-    session.install("-e", ".[trio,parquet,serve,fastapi]", "httpx", "flask", "django")
+    session.install("-e", ".[trio,parquet,serve,fastapi,grpc]", "httpx", "flask", "django")
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"running {script.name}")
         session.run("python", str(script))
@@ -73,7 +73,7 @@ def examples(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in benchmarks/ and print ratios measured in one run."""
-    session.install("-e", ".[trio,parquet,serve]", "starlette")
+    session.install("-e", ".[trio,parquet,serve,grpc]", "starlette")
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     selected = [s for s in scripts if not session.posargs or s.stem in session.posargs]
@@ -82,6 +82,32 @@ def bench(session: nox.Session) -> None:
             continue
         session.log(f"running {script.name}")
         session.run("python", str(script), env={**os.environ, **env})
+
+
+# The generated gRPC modules depend on the versions that generated them (the protobuf
+# gencode checks its runtime, the grpc stub checks grpcio): bump this pin, the `grpc`
+# extra's lower bounds and the committed stubs together.
+GRPC_TOOLS = "grpcio-tools==1.85.1"
+
+
+@nox.session
+def grpc_stubs(session: nox.Session) -> None:
+    """Regenerate the committed gRPC stubs of servekit.transports.grpc from its .proto
+    (the Open Inference Protocol's), with a pinned grpcio-tools: the output is the same
+    on every machine."""
+    session.install(GRPC_TOOLS)
+    proto = "servekit/transports/grpc/_proto/open_inference_grpc.proto"
+    session.chdir(ROOT / "src")
+    session.run(
+        "python",
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        "--python_out=.",
+        "--pyi_out=.",
+        "--grpc_python_out=.",
+        proto,
+    )
 
 
 @nox.session
