@@ -35,14 +35,16 @@ to stderr and exit with status 2 (usage) or 1 (anything else); no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ServekitError
 
@@ -339,6 +341,24 @@ def _batch_parser(commands: Any) -> None:
     run.set_defaults(run=_batch_run)
 
 
+def _exit_now(message: str, status: int) -> NoReturn:
+    """Leave at once, from a signal handler: worker processes are stopped (they would
+    be orphaned otherwise), threads are abandoned, nothing else is waited for."""
+    print(message, file=sys.stderr, flush=True)
+    children = multiprocessing.active_children()
+    for child in children:
+        with contextlib.suppress(ValueError):  # closed: its owner has reaped it already
+            child.terminate()
+    for child in children:
+        with contextlib.suppress(ValueError):
+            child.join(2.0)
+            if child.is_alive():
+                child.kill()
+                child.join(1.0)
+    sys.stdout.flush()
+    os._exit(status)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -349,6 +369,12 @@ def _serve(args: argparse.Namespace) -> int:
     from ._predictor import Predictor
     from .transports import Limits, create_asgi_app
 
+    grpc_transport: Any = None  # --grpc-port: a grpc.aio server beside uvicorn, same loop
+    if args.grpc_port is not None:
+        try:
+            from .transports import grpc as grpc_transport
+        except ImportError as exc:
+            raise SystemExit(f"servekit: {exc}") from None
     target = load_target(args.target)
     if isinstance(target, dict):
         predictors: Any = {
@@ -372,11 +398,47 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
     )
 
+    from ._predictor import PredictorState
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            name = signal.Signals(sig).name
+            loaded = all(p.state is PredictorState.RUNNING for p in app.service.predictors.values())
+            if not self.started and not loaded:
+                # SD-03: a model is still in load(), which cannot be interrupted, and no
+                # request was accepted yet: nothing to drain, so stop now.
+                _exit_now(f"servekit: {name} while loading the model(s); stopped", 0)
+            if self.should_exit:
+                # SD-04: a second signal during the drain escalates to a fast exit.
+                _exit_now(f"servekit: second signal ({name}) during the drain; exiting now", 1)
             # Readiness flips first: probes see 503 while in-flight requests drain.
             app.service.accepting = False
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)  # lifespan first: the predictors are loaded
+            if grpc_transport is not None and self.started:
+                self.grpc = grpc_transport.create_server(
+                    app.service,  # shared: readiness and refusal at shutdown are one
+                    host=args.host,
+                    port=args.grpc_port,
+                    max_message_bytes=limits.max_body_bytes,
+                )
+                await self.grpc.start()
+                print(f"servekit: gRPC on {args.host}:{self.grpc.port}", file=sys.stderr)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            import asyncio
+
+            # gRPC refuses new RPCs at once and drains its own beside the HTTP ones;
+            # the lifespan (in super().shutdown) then drains and closes the predictors.
+            grpc_server = getattr(self, "grpc", None)
+            stopping = None
+            if grpc_server is not None:
+                stopping = asyncio.ensure_future(grpc_server.stop(args.grace_s))
+            await super().shutdown(sockets)
+            if stopping is not None:
+                await stopping
 
     config = uvicorn.Config(
         app,
@@ -406,6 +468,12 @@ def _serve_parser(commands: Any) -> None:
     )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC on this port (extra grpc; "
+        "messages up to --max-body-mb)",
+    )
     serve.set_defaults(run=_serve)
 
 

@@ -18,6 +18,7 @@ FastAPI or Starlette (``app.mount("/ml", create_asgi_app(predictor))``).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -71,13 +72,24 @@ class ASGIApp:
         closers = [p.close for p in self.service.predictors.values()]
         if self.service.jobs is not None:
             closers.insert(0, self.service.jobs.close)
-        # Bounded (SD-02): queued work fails with Closed after the grace, but a batch
-        # stuck inside a model cannot be interrupted (threads); after the grace and a
-        # second, shutdown returns and leaves that thread behind so the server can exit.
+
+        # Bounded (SD-02, SD-03): queued work fails with Closed after the grace, but a
+        # batch stuck inside a model, or a slow model close(), cannot be interrupted
+        # (threads). The closers run on a daemon thread of their own, so that after the
+        # grace and a second shutdown returns and the process can still exit: the event
+        # loop's worker threads are not daemons, and the interpreter would wait for one.
+        def close_all() -> None:
+            for close in closers:  # one failing close does not keep the others open
+                try:
+                    close(grace_s)
+                except Exception:
+                    _log.exception("servekit: an error while closing at shutdown")
+
+        closing = threading.Thread(target=close_all, name="servekit-shutdown", daemon=True)
+        closing.start()
         with anyio.move_on_after(grace_s + 1.0) as scope:
-            for close in closers:
-                await anyio.to_thread.run_sync(close, grace_s, abandon_on_cancel=True)
-        if scope.cancelled_caught:
+            await anyio.to_thread.run_sync(closing.join, grace_s + 1.0, abandon_on_cancel=True)
+        if scope.cancelled_caught or closing.is_alive():
             _log.warning(
                 "servekit: shutdown did not finish within grace_s=%s (a model is still "
                 "running); leaving it behind",
