@@ -25,8 +25,35 @@ def _group(name: str) -> list[str]:
 def tests(session: nox.Session) -> None:
     """Run the test suite (async tests on asyncio and trio)."""
     session.install("-e", ".[trio]", *_group("test"))
-    # tests/integrations needs heavy extras; each integration has its own session.
-    session.run("pytest", "--ignore=tests/integrations", *session.posargs)
+    # tests/integrations and tests/distributed need heavy extras; each has its own session.
+    session.run(
+        "pytest", "--ignore=tests/integrations", "--ignore=tests/distributed", *session.posargs
+    )
+
+
+@nox.session
+def dask(session: nox.Session) -> None:
+    """DaskRunner on a real 2-worker LocalCluster (not in the default run)."""
+    session.install("-e", ".[dask,parquet]", *_group("test"))
+    tests = ["tests/distributed/test_partitions.py", "tests/distributed/test_dask.py"]
+    session.run("pytest", *tests, *session.posargs)
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """RayRunner on a local Ray with 2 CPUs (not in the default run)."""
+    session.install("-e", ".[ray,parquet]", *_group("test"))
+    tests = ["tests/distributed/test_partitions.py", "tests/distributed/test_ray.py"]
+    session.run("pytest", *tests, *session.posargs)
+
+
+@nox.session
+def bench_distributed(session: nox.Session) -> None:
+    """DaskRunner and RayRunner against a local run and a hand-written dask.dataframe
+    pipeline (benchmarks/distributed/, which `bench` does not run: it needs both extras)."""
+    session.install("-e", ".[dask,ray,parquet]", "dask[dataframe]")
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    session.run("python", "benchmarks/distributed/run.py", env={**os.environ, **env})
 
 
 @nox.session
@@ -54,7 +81,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the Sphinx + MyST docs with warnings as errors."""
-    session.install("-e", ".", *_group("docs"))
+    session.install("-e", ".[grpc]", *_group("docs"))  # autodoc imports the gRPC transport
     session.run(
         "sphinx-build", "-W", "--keep-going", "-n", "-b", "html", "docs", "docs/_build/html"
     )

@@ -75,8 +75,8 @@ _LOAD = textwrap.dedent(
 
     async def grpc_client(stop, counts):
         import grpc
-        from servekit.transports.grpc._proto import open_inference_grpc_pb2 as pb
-        from servekit.transports.grpc._proto import open_inference_grpc_pb2_grpc as pbg
+        from servekit.transports.grpc import pb2 as pb
+        from servekit.transports.grpc import pb2_grpc as pbg
 
         tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
         tensor.contents.fp32_contents.extend(ROW)

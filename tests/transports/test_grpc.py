@@ -31,8 +31,8 @@ from servekit.transports.grpc import (
     server_options,
     status_code,
 )
-from servekit.transports.grpc._proto import open_inference_grpc_pb2 as pb
-from servekit.transports.grpc._proto import open_inference_grpc_pb2_grpc as pb_grpc
+from servekit.transports.grpc import pb2 as pb
+from servekit.transports.grpc import pb2_grpc as pb_grpc
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 

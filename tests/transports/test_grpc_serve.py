@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import httpx
 
-from servekit.transports.grpc._proto import open_inference_grpc_pb2 as pb
-from servekit.transports.grpc._proto import open_inference_grpc_pb2_grpc as pb_grpc
+from servekit.transports.grpc import pb2 as pb
+from servekit.transports.grpc import pb2_grpc as pb_grpc
 
 _APP = textwrap.dedent(
     """

@@ -2,7 +2,8 @@
 
 :func:`run_batch` streams a source through a predictor into a sink in chunks, with
 bounded memory, per-row errors, key columns that join outputs back to inputs, and
-checkpoints that let an interrupted run resume where it stopped.
+checkpoints that let an interrupted run resume where it stopped. The same run goes to
+a Dask or Ray cluster with ``runner=DaskRunner(client)`` or ``runner=RayRunner()``.
 
 >>> from servekit.batch import run_batch
 >>> out = []
@@ -13,8 +14,10 @@ checkpoints that let an interrupted run resume where it stopped.
 
 from __future__ import annotations
 
+from ._dask import DaskRunner
 from ._jobs import BatchJob, BatchRunSpec
-from ._runner import BatchProgress, BatchReport, run_batch
+from ._ray import RayRunner
+from ._runner import BatchProgress, BatchReport, Runner, run_batch
 from ._sinks import (
     CallableSink,
     CSVSink,
@@ -47,6 +50,7 @@ __all__ = [
     "CSVSource",
     "CallableSink",
     "Chunk",
+    "DaskRunner",
     "DataFrameSource",
     "IterableSource",
     "JSONLSink",
@@ -54,7 +58,9 @@ __all__ = [
     "ListSink",
     "ParquetSink",
     "ParquetSource",
+    "RayRunner",
     "RowError",
+    "Runner",
     "SQLSink",
     "SQLSource",
     "Sink",

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,7 +52,7 @@ from ._sinks import CallableSink, ListSink, open_sink
 from ._sources import open_source
 from ._types import Chunk, RowError, Sink, Source
 
-__all__ = ["BatchProgress", "BatchReport", "run_batch"]
+__all__ = ["BatchProgress", "BatchReport", "Runner", "RunnerJob", "run_batch"]
 
 _TRANSIENT = (RetryableError, WorkerCrashed, Overloaded)
 #: How many failed rows a report keeps as examples (the error sink has them all).
@@ -173,6 +173,7 @@ def run_batch(
     concurrency: int | None = None,
     retries: int = 3,
     root: str | os.PathLike[str] | None = None,
+    runner: Runner | None = None,
 ) -> BatchReport:
     """Run ``predictor`` over every row of ``source`` and write the outputs to ``sink``.
 
@@ -203,6 +204,8 @@ def run_batch(
     worker of the predictor's back end, so worker processes never wait for the
     parent to write a chunk). ``root`` confines file inputs and outputs to a directory
     (:class:`~servekit.UnsafePath` otherwise), for runs started from requests.
+    ``runner`` runs the chunks somewhere else: :class:`DaskRunner` on a Dask cluster,
+    :class:`RayRunner` on Ray (see the distributed guide); the default runs them here.
 
     Returns a :class:`BatchReport`.
     """
@@ -295,8 +298,23 @@ def run_batch(
             counts.add(chunk, result)
             tracker.update(counts)
 
-        chunks = (c for c in src.chunks(chunk_size, start_chunk) if c.index not in done)
-        _pipeline(chunks, run.predict_chunk, write, concurrency)
+        if runner is None:
+            chunks = (c for c in src.chunks(chunk_size, start_chunk) if c.index not in done)
+            _pipeline(chunks, run.predict_chunk, write, concurrency)
+        else:
+            job = RunnerJob(
+                src,
+                run,
+                out,
+                err,
+                frozenset(done),
+                chunk_size,
+                max_error_rate,
+                counts,
+                tracker,
+                started,
+            )
+            runner._execute(job, write)
         out.finish()
         if err is not None:
             err.finish()
@@ -312,6 +330,33 @@ def run_batch(
         src.close()
         if owned:
             model.close()
+
+
+class Runner(Protocol):
+    """Where :func:`run_batch` runs the chunks (:class:`DaskRunner`, :class:`RayRunner`)."""
+
+    def _execute(self, job: RunnerJob, write: Callable[[Chunk, _ChunkResult], None]) -> None:
+        """Run every chunk of ``job`` not in ``job.done`` and write it, through ``write``
+        (as a local run does) or from the workers; return when all are written."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerJob:
+    """What a :class:`Runner` is given: the opened source and sinks, the settings, and
+    the counts and progress of the run (updated for chunks written by workers)."""
+
+    source: Source
+    run: _Run
+    sink: Sink
+    error_sink: Sink | None
+    #: Chunks an earlier run wrote (``resume=True``): not to be run again.
+    done: frozenset[int]
+    chunk_size: int
+    max_error_rate: float | None
+    counts: _Counts
+    tracker: _Progress
+    started: float
 
 
 def _pipeline(

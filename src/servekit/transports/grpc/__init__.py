@@ -16,6 +16,9 @@ lookup, limits, batch dimension, outputs and error codes.
   (:data:`~servekit.transports.STATUS`, see :func:`status_code`); the details start
   with the servekit error code, which is also sent in the trailing metadata
   ``servekit-error-code`` (and ``retry-after``, whole seconds, for ``overloaded``).
+- **Clients** in Python can use the generated modules :data:`pb2` (messages) and
+  :data:`pb2_grpc` (``GRPCInferenceServiceStub``); any other client generates its own
+  from the protocol's ``.proto`` (shipped in ``servekit/transports/grpc/_proto``).
 - **Message sizes.** gRPC's own limits are options of the server
   (:func:`server_options`); :func:`create_server` sets both from
   ``max_message_bytes``. :func:`add_to_server` cannot change the host's server, so it
@@ -48,12 +51,19 @@ from ._codec import decode_infer_request, encode_infer_response
 from ._proto import open_inference_grpc_pb2 as pb
 from ._proto import open_inference_grpc_pb2_grpc as pb_grpc
 
+#: The protocol's generated messages (``pb2.ModelInferRequest``, ...), for clients.
+pb2 = pb
+#: The protocol's generated service module (``pb2_grpc.GRPCInferenceServiceStub``).
+pb2_grpc = pb_grpc
+
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GRPCServer",
     "InferenceServicer",
     "add_to_server",
     "create_server",
+    "pb2",
+    "pb2_grpc",
     "server_options",
     "status_code",
 ]
