@@ -94,7 +94,9 @@ def _set_parameters(target: Any, values: Mapping[str, Any]) -> None:
             slot.string_param = str(value)
 
 
-def _typed_array(contents: Any, plan: _v2._InputPlan, where: str, limits: Limits) -> npt.NDArray[Any]:
+def _typed_array(
+    contents: Any, plan: _v2._InputPlan, where: str, limits: Limits
+) -> npt.NDArray[Any]:
     datatype: str = plan.datatype
     field = CONTENTS_FIELD.get(datatype)
     populated = [fd.name for fd, _ in contents.ListFields()]
