@@ -521,6 +521,16 @@ BAD = [
         "same first (batch) dimension",
     ),
     (
+        "negative priority",
+        lambda: pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[fp32([1], [1.0])],
+            parameters={"priority": pb.InferParameter(int64_param=-1)},
+        ),
+        "INVALID_ARGUMENT",
+        "priority must be an integer >= 0",
+    ),
+    (
         "too many elements",
         lambda: infer_request("echo", fp32([10, 10], [0.0] * 100)),
         "INVALID_ARGUMENT",
@@ -612,3 +622,21 @@ def test_docstring_examples_run() -> None:
     import servekit.transports.grpc
 
     assert doctest.testmod(servekit.transports.grpc).failed == 0
+
+
+def test_public_names_are_listed_and_documented() -> None:
+    import inspect
+
+    import servekit.transports.grpc as module
+
+    assert module.__all__ == sorted(module.__all__)
+    missing = []
+    for name in module.__all__:
+        value = getattr(module, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            if not inspect.getdoc(value):
+                missing.append(name)
+            for member, attr in vars(value).items() if inspect.isclass(value) else ():
+                if not member.startswith("_") and inspect.isfunction(attr) and not attr.__doc__:
+                    missing.append(f"{name}.{member}")
+    assert missing == []
