@@ -382,60 +382,73 @@ class _CSVReader(_Reader):
         """Read the file once, noting where each partition's first record starts; None
         for a file whose lines end in a lone carriage return (read on the driver)."""
         source._stat()
-        path = source._path
-        encoding = source._encoding.removesuffix("-sig")
         # Bytes of the lines the csv reader has taken so far: it takes one line at a
         # time and no more than a record needs, so before each record this is where
         # the record starts (and reader.line_num the lines before it).
         consumed = [0]
-        lone_cr = [False]
-        with _open_binary(source) as f:
+        try:
+            with _open_binary(source) as f:
+                return cls._scan(source, f, consumed, chunk_size, workers, partition_rows)
+        except _LoneCR:
+            return None
 
-            def text_lines() -> Iterator[str]:
-                first = True
-                for line in f:
-                    consumed[0] += len(line)
-                    if b"\r" in line.rstrip(b"\r\n"):
-                        lone_cr[0] = True  # a text-mode read splits lines there too
-                    if first:
-                        first = False
-                        if line.startswith(_UTF8_BOM) and source._encoding == "utf-8-sig":
-                            line = line[len(_UTF8_BOM) :]
-                    yield line.decode(encoding, "surrogateescape")
+    @classmethod
+    def _scan(
+        cls,
+        source: CSVSource,
+        f: BinaryIO,
+        consumed: list[int],
+        chunk_size: int,
+        workers: int,
+        partition_rows: int | None,
+    ) -> tuple[_CSVReader, Iterator[Partition]]:
+        """The scan of :meth:`plan` over the open file ``f``."""
+        path = source._path
+        encoding = source._encoding.removesuffix("-sig")
 
-            reader = csv.reader(text_lines(), delimiter=source._delimiter)
-            header = source._header(reader)
-            if header is None:
-                names, width = list(source._columns or []), 0
-                positions: list[int] = []
-                starts: list[tuple[int, int]] = []
-            else:
-                names, positions = source._plan(header)
-                width = len(header)
-                # (offset, lines before) of every record that starts a chunk, where the
-                # record before it parsed cleanly (the reader's state is fresh there).
-                starts, count, clean = [], 0, True
-                while True:
-                    lines_before, offset = reader.line_num, consumed[0]
-                    try:
-                        record = next(reader)
-                    except StopIteration:
-                        break
-                    except csv.Error:
-                        if count % chunk_size == 0:
-                            starts.append((offset, lines_before) if clean else (-1, 0))
-                        count += 1
-                        clean = False
-                        continue
-                    if not record:
-                        continue
+        def text_lines() -> Iterator[str]:
+            first = True
+            for line in f:
+                consumed[0] += len(line)
+                if b"\r" in line.rstrip(b"\r\n"):
+                    raise _LoneCR  # a text-mode read splits lines there too
+                if first:
+                    first = False
+                    if line.startswith(_UTF8_BOM) and source._encoding == "utf-8-sig":
+                        line = line[len(_UTF8_BOM) :]
+                yield line.decode(encoding, "surrogateescape")
+
+        reader = csv.reader(text_lines(), delimiter=source._delimiter)
+        header = source._header(reader)
+        if header is None:
+            names, width = list(source._columns or []), 0
+            positions: list[int] = []
+            starts: list[tuple[int, int]] = []
+        else:
+            names, positions = source._plan(header)
+            width = len(header)
+            # (offset, lines before) of every record that starts a chunk, where the
+            # record before it parsed cleanly (the reader's state is fresh there).
+            starts, count, clean = [], 0, True
+            while True:
+                lines_before, offset = reader.line_num, consumed[0]
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error:
                     if count % chunk_size == 0:
                         starts.append((offset, lines_before) if clean else (-1, 0))
                     count += 1
-                    clean = True
-            end = consumed[0]
-        if lone_cr[0]:
-            return None
+                    clean = False
+                    continue
+                if not record:
+                    continue
+                if count % chunk_size == 0:
+                    starts.append((offset, lines_before) if clean else (-1, 0))
+                count += 1
+                clean = True
+        end = consumed[0]
         this = cls(
             path, source._columns, source._delimiter, source._encoding, names, width, positions
         )
@@ -456,6 +469,10 @@ class _CSVReader(_Reader):
         )
         records = source._records(reader, self.width, self.positions, 0)
         yield from _chunk_records(records, self.names, chunk_size, part.first_chunk)
+
+
+class _LoneCR(Exception):
+    """A CSV line holds a carriage return not followed by a newline."""
 
 
 def _byte_partitions(
