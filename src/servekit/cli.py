@@ -418,12 +418,17 @@ def _serve(args: argparse.Namespace) -> int:
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)  # lifespan first: the predictors are loaded
             if grpc_transport is not None and self.started:
-                self.grpc = grpc_transport.create_server(
-                    app.service,  # shared: readiness and refusal at shutdown are one
-                    host=args.host,
-                    port=args.grpc_port,
-                    max_message_bytes=limits.max_body_bytes,
-                )
+                try:
+                    self.grpc = grpc_transport.create_server(
+                        app.service,  # shared: readiness and refusal at shutdown are one
+                        host=args.host,
+                        port=args.grpc_port,
+                        max_message_bytes=limits.max_body_bytes,
+                    )
+                except OSError as exc:  # the port is taken: stop (drained) and exit 1
+                    print(f"servekit: {exc}", file=sys.stderr)
+                    self.grpc_failed = self.should_exit = True
+                    return
                 await self.grpc.start()
                 print(f"servekit: gRPC on {args.host}:{self.grpc.port}", file=sys.stderr)
 
@@ -439,6 +444,8 @@ def _serve(args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
             if stopping is not None:
                 await stopping
+            if getattr(self, "grpc_failed", False):
+                raise SystemExit(1)
 
     config = uvicorn.Config(
         app,

@@ -640,3 +640,16 @@ def test_public_names_are_listed_and_documented() -> None:
                 if not member.startswith("_") and inspect.isfunction(attr) and not attr.__doc__:
                     missing.append(f"{name}.{member}")
     assert missing == []
+
+
+@pytest.mark.anyio
+async def test_create_server_does_not_share_a_taken_port() -> None:
+    # grpc's default (SO_REUSEPORT) would let two servers split one port's connections.
+    first = grpc.aio.server()
+    port = first.add_insecure_port("127.0.0.1:0")
+    await first.start()
+    try:
+        with pytest.raises(OSError, match="in use"):
+            create_server(sk.Predictor(Echo()), port=port)
+    finally:
+        await first.stop(None)

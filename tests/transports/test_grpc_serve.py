@@ -114,3 +114,24 @@ def test_serve_grpc_port_without_the_extra_names_the_extra(tmp_path: Path) -> No
     assert result.returncode != 0
     assert 'pip install "servekit[grpc]"' in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_exits_1_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
+    (tmp_path / "grpc_app.py").write_text(_APP)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        grpc_port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "servekit", "serve", "grpc_app:predictor"]
+        command += ["--port", str(free_port()), "--grpc-port", str(grpc_port)]
+        result = subprocess.run(
+            [*command, "--log-level", "warning"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve gRPC on 127.0.0.1:{grpc_port}" in result.stderr
+    assert "Traceback" not in result.stderr

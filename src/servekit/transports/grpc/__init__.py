@@ -346,15 +346,22 @@ def create_server(
 ) -> GRPCServer:
     """A ``grpc.aio.Server`` bound to ``host:port`` (insecure; 0 picks a free port)
     serving ``predictors``, with gRPC's message limits set to ``max_message_bytes``
-    both ways. ``options`` adds channel options. Call it on the event loop that will
-    run the server, then ``await server.start()``.
+    both ways and without ``SO_REUSEPORT`` (a taken port raises ``OSError``).
+    ``options`` adds channel options. Call it on the event loop that will run the
+    server, then ``await server.start()``.
     """
-    server = grpc.aio.server(options=[*server_options(max_message_bytes), *(options or [])])
+    # No SO_REUSEPORT (grpc's default): a second server on a taken port must fail, as
+    # uvicorn does, rather than silently share the port's connections with the first.
+    defaults = [*server_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=[*defaults, *(options or [])])
     servicer = add_to_server(
         server, predictors, limits=limits, expose_model_errors=expose_model_errors, name=name
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind"
+        bound = 0
     if not bound:
-        raise OSError(f"cannot bind gRPC to {address}")
+        raise OSError(f"cannot serve gRPC on {address}: the address is in use or invalid")
     return GRPCServer(server, int(bound), servicer)
