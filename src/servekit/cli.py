@@ -17,7 +17,8 @@
 
     servekit serve MODULE:ATTR [--host 127.0.0.1] [--port 8000] [--jobs FILE]
                    [--job-workers N] [--max-body-mb N] [--expose-model-errors]
-                   [--grace-s S] [--log-level LEVEL]
+                   [--grace-s S] [--log-level LEVEL] [--timeout-keep-alive S]
+                   [--header-timeout-s S]
 
     servekit batch run --model MODULE:ATTR --input IN --output OUT [--key COL[,COL]]
                        [--columns COL[,COL]] [--passthrough COL[,COL]] [--errors FILE]
@@ -345,17 +346,12 @@ def _exit_now(message: str, status: int) -> NoReturn:
     """Leave at once, from a signal handler: worker processes are stopped (they would
     be orphaned otherwise), threads are abandoned, nothing else is waited for."""
     print(message, file=sys.stderr, flush=True)
-    children = multiprocessing.active_children()
-    for child in children:
-        with contextlib.suppress(ValueError):  # closed: its owner has reaped it already
-            child.terminate()
-    for child in children:
-        with contextlib.suppress(ValueError):
-            child.join(2.0)
-            if child.is_alive():
-                child.kill()
-                child.join(1.0)
     sys.stdout.flush()
+    # SIGKILL, and no waiting: a supervisor thread that saw a worker die would spawn a
+    # replacement, and a worker busy in predict() may not heed SIGTERM soon.
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(ValueError):  # closed: its owner has reaped it already
+            child.kill()
     os._exit(status)
 
 
@@ -447,12 +443,18 @@ def _serve(args: argparse.Namespace) -> int:
             if getattr(self, "grpc_failed", False):
                 raise SystemExit(1)
 
+    from .transports._uvicorn import h11_with_head_timeout
+
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=args.grace_s,
+        # Slow clients (TR-14): an idle kept-alive connection is closed after
+        # --timeout-keep-alive, a request head not complete after --header-timeout-s.
+        http=h11_with_head_timeout(args.header_timeout_s),
+        timeout_keep_alive=args.timeout_keep_alive,
     )
     # uvicorn re-raises the signal that stopped it once it has drained, for the handler
     # that was there before; make that a no-op, so a graceful stop exits with status 0.
@@ -475,6 +477,12 @@ def _serve_parser(commands: Any) -> None:
     )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.add_argument(
+        "--timeout-keep-alive", type=float, default=5.0, help="close idle connections after S"
+    )
+    serve.add_argument(
+        "--header-timeout-s", type=float, default=10.0, help="time to send a request head"
+    )
     serve.add_argument(
         "--grpc-port",
         type=int,

@@ -152,17 +152,20 @@ def _assert_gone(processes: list[psutil.Process], timeout: float = 5) -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "workers"),
-    [("loading_inline", 1), ("loading_processes", 2), ("loading_second", 1)],
+    ("target", "marks", "processes"),
+    [
+        ("loading_inline", 1, 0),  # load() on a thread of the server
+        ("loading_processes", 2, 2),  # load() in two worker processes
+        ("loading_second", 2, 1),  # the first model is up, the second is loading
+    ],
 )
 def test_sigterm_while_loading_exits_within_the_grace(
-    tmp_path: Path, target: str, workers: int
+    tmp_path: Path, target: str, marks: int, processes: int
 ) -> None:
     with serve(tmp_path, target, "--grace-s", "5") as server:
-        server.wait_for("loading", workers)
+        server.wait_for("loading", marks)
         family = server.descendants()
-        if target != "loading_inline":
-            assert len(family) >= workers  # the worker processes loading the model
+        assert len(family) >= processes  # the worker processes loading the model
         stopped = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=6) == 0  # a stop before serving is a clean stop
