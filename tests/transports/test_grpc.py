@@ -653,3 +653,18 @@ async def test_create_server_does_not_share_a_taken_port() -> None:
             create_server(sk.Predictor(Echo()), port=port)
     finally:
         await first.stop(None)
+
+
+@pytest.mark.anyio
+async def test_larger_typed_tensors() -> None:
+    # Past a few dozen values the codec reads typed contents another way: same answers.
+    values = np.arange(-50, 50, dtype=np.int16).reshape(2, 50)
+    async with serving(sk.Predictor(Echo(), name="echo")) as (stub, _):
+        tensor = Tensor(name="x", datatype="INT16", shape=[2, 50])
+        tensor.contents.int_contents.extend(values.reshape(-1).tolist())
+        response = await stub.ModelInfer(infer_request("echo", tensor))
+        assert response.outputs[0].datatype == "INT16"
+        assert list(response.outputs[0].contents.int_contents) == values.reshape(-1).tolist()
+        tensor.contents.int_contents[77] = 40_000
+        error = await rpc_error(stub.ModelInfer(infer_request("echo", tensor)))
+        assert "int_contents[77] is outside the range of INT16" in (error.details() or "")
