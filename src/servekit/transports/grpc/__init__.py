@@ -29,6 +29,7 @@ grpc.aio runs on asyncio only (not trio).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from collections.abc import Mapping
@@ -38,6 +39,8 @@ from typing import Any, NoReturn
 try:
     import grpc
     import grpc.aio
+
+    importlib.import_module("google.protobuf")  # the generated messages need it
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'servekit.transports.grpc needs grpcio and protobuf: pip install "servekit[grpc]"'
