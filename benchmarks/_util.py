@@ -20,9 +20,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import gc  # noqa: E402 - the environment must be set before anything imports numpy
+import math  # noqa: E402
 import platform  # noqa: E402
+import socket  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
 __all__ = [
@@ -30,10 +35,13 @@ __all__ = [
     "describe_run",
     "fmt_int",
     "fmt_us",
+    "free_port",
     "mad",
     "median",
     "paired",
+    "quantile",
     "run_trials",
+    "start_server",
 ]
 
 #: One measurement: runs a fixed amount of work and returns a number (ns, items/s...).
@@ -137,6 +145,44 @@ class Table:
             text = "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
             print(text.rstrip())
         sys.stdout.flush()
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by the nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    command: Sequence[str], directory: str, ready_url: str, timeout_s: float = 60.0
+) -> subprocess.Popen[bytes]:
+    """Start a server process in ``directory`` (on ``PYTHONPATH``) and wait until a GET
+    of ``ready_url`` answers 200; the process is killed if it never does."""
+    proc = subprocess.Popen(
+        list(command), cwd=directory, env={**os.environ, "PYTHONPATH": directory}
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=5) as answer:
+                if answer.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{' '.join(command)} did not become ready")
+        time.sleep(0.05)
 
 
 def describe_run(trials: int, what: str) -> str:
