@@ -48,7 +48,7 @@ def _import_distributed() -> Any:
 class DaskRunner:
     """Run a batch job on a Dask cluster: ``run_batch(..., runner=DaskRunner(client))``.
 
-    ``client`` is a :class:`distributed.Client` connected to the cluster (the caller
+    ``client`` is a ``distributed.Client`` connected to the cluster (the caller
     owns it; it is never closed here). The input is split into partitions of about
     ``partition_rows`` rows (rounded up to whole chunks; default: about four partitions
     per worker thread); each is one task. Each worker loads the model once and keeps it

@@ -204,8 +204,9 @@ def run_batch(
     worker of the predictor's back end, so worker processes never wait for the
     parent to write a chunk). ``root`` confines file inputs and outputs to a directory
     (:class:`~servekit.UnsafePath` otherwise), for runs started from requests.
-    ``runner`` runs the chunks somewhere else: :class:`DaskRunner` on a Dask cluster,
-    :class:`RayRunner` on Ray (see the distributed guide); the default runs them here.
+    ``runner`` runs the chunks somewhere else: :class:`~servekit.batch.DaskRunner` on a
+    Dask cluster, :class:`~servekit.batch.RayRunner` on Ray (see the distributed guide);
+    the default runs them here.
 
     Returns a :class:`BatchReport`.
     """
@@ -333,7 +334,8 @@ def run_batch(
 
 
 class Runner(Protocol):
-    """Where :func:`run_batch` runs the chunks (:class:`DaskRunner`, :class:`RayRunner`)."""
+    """Where :func:`run_batch` runs the chunks (:class:`~servekit.batch.DaskRunner`,
+    :class:`~servekit.batch.RayRunner`)."""
 
     def _execute(self, job: RunnerJob, write: Callable[[Chunk, _ChunkResult], None]) -> None:
         """Run every chunk of ``job`` not in ``job.done`` and write it, through ``write``
