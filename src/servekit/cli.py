@@ -41,6 +41,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -342,6 +343,18 @@ def _batch_parser(commands: Any) -> None:
     run.set_defaults(run=_batch_run)
 
 
+def _job_store_path(path: str, model: str) -> str:
+    """The job store of one model when ``servekit serve --jobs PATH`` serves several:
+    the model's name before the suffix (``jobs.sqlite3`` -> ``jobs.NAME.sqlite3``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model):
+        raise SystemExit(
+            f"servekit: model name {model!r} cannot name a job store file; "
+            "use letters, digits, '.', '_' and '-'"
+        )
+    root, suffix = os.path.splitext(path)
+    return f"{root}.{model}{suffix or '.sqlite3'}"
+
+
 def _exit_now(message: str, status: int) -> NoReturn:
     """Leave at once, from a signal handler: worker processes are stopped (they would
     be orphaned otherwise), threads are abandoned, nothing else is waited for."""
@@ -380,11 +393,19 @@ def _serve(args: argparse.Namespace) -> int:
         first = next(iter(predictors.values()))
     else:
         predictors = first = target if isinstance(target, Predictor) else Predictor(target)
-    jobs = None
+    jobs: Any = None
     if args.jobs:
         from .jobs import JobQueue
 
-        jobs = JobQueue(first, store=args.jobs, workers=args.job_workers)
+        if isinstance(predictors, dict) and len(predictors) > 1:
+            # One queue per model, each on its own store file: a job row does not name
+            # its model, so queues sharing one file would run each other's jobs.
+            jobs = {
+                name: JobQueue(p, store=_job_store_path(args.jobs, name), workers=args.job_workers)
+                for name, p in predictors.items()
+            }
+        else:
+            jobs = JobQueue(first, store=args.jobs, workers=args.job_workers)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_asgi_app(
         predictors,
@@ -469,7 +490,11 @@ def _serve_parser(commands: Any) -> None:
     serve.add_argument("target", help="MODULE:ATTR of a predictor, model, function or dict")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--jobs", help="a SQLite job store: enables the /jobs routes")
+    serve.add_argument(
+        "--jobs",
+        help="a SQLite job store: enables the /jobs routes (several models: one store "
+        "per model, FILE's name with .MODEL before the suffix)",
+    )
     serve.add_argument("--job-workers", type=int, default=1, help="job runner threads")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit")
     serve.add_argument(

@@ -61,17 +61,16 @@ class ASGIApp:
         """Start every predictor and the job queue (what lifespan startup does)."""
         for predictor in self.service.predictors.values():
             await predictor.astart()
-        if self.service.jobs is not None:
-            await self.service.jobs.astart()
+        for queue in self.service.distinct_job_queues():
+            await queue.astart()
         self.service.accepting = True
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Turn readiness off, refuse new work, then drain and close the predictors
         and the job queue (what lifespan shutdown does)."""
         self.service.accepting = False
-        closers = [p.close for p in self.service.predictors.values()]
-        if self.service.jobs is not None:
-            closers.insert(0, self.service.jobs.close)
+        closers = [q.close for q in self.service.distinct_job_queues()]
+        closers += [p.close for p in self.service.predictors.values()]
 
         # Bounded (SD-02, SD-03): queued work fails with Closed after the grace, but a
         # batch stuck inside a model, or a slow model close(), cannot be interrupted
@@ -233,7 +232,8 @@ def create_asgi_app(
     extension); ``POST /predict`` and ``/predict_many`` (``/models/NAME/...`` with
     several models) with native JSON; and with ``jobs`` (a
     :class:`~servekit.jobs.JobQueue`), ``POST /jobs`` (202 and a ``Location``),
-    ``GET /jobs/ID`` and ``DELETE /jobs/ID``. See :class:`Service` for the options;
+    ``GET /jobs/ID`` and ``DELETE /jobs/ID``; ``jobs`` may also map model names to
+    queues, one per model, under ``/models/NAME/jobs``. See :class:`Service` for the options;
     ``grace_s`` bounds the drain at lifespan shutdown.
     """
     service = Service(

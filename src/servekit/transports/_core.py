@@ -184,7 +184,7 @@ _ROUTES: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("jobs", ("POST", "GET"), re.compile(r"(?:/models/(?P<model>[^/]+))?/jobs")),
     ("metrics", ("GET",), re.compile(r"/metrics")),
     ("openapi", ("GET",), re.compile(r"/openapi\.json")),
-    ("job", ("GET", "DELETE"), re.compile(r"/jobs/(?P<job>[^/]+)")),
+    ("job", ("GET", "DELETE"), re.compile(r"(?:/models/(?P<model>[^/]+))?/jobs/(?P<job>[^/]+)")),
 ]
 
 
@@ -201,7 +201,8 @@ _STATIC: dict[str, tuple[str, tuple[str, ...]]] = {
 class Service:
     """The routes over one predictor or a mapping of names to predictors.
 
-    ``jobs`` (a :class:`~servekit.jobs.JobQueue`) enables the job routes; ``limits``
+    ``jobs`` (a :class:`~servekit.jobs.JobQueue`, or a mapping of model names to
+    queues: one per model, under ``/models/NAME/jobs``) enables the job routes; ``limits``
     (:class:`~servekit.transports.Limits`) bounds bodies and tensors;
     ``expose_model_errors`` puts model exception messages in responses (off: only the
     exception's class name).
@@ -227,7 +228,20 @@ class Service:
             for key, value in self.predictors.items():
                 if not isinstance(value, Predictor):
                     raise TypeError(f"predictors[{key!r}] is not a servekit.Predictor")
-        self.jobs = jobs
+        #: The job queues by model name; the key None is a queue for ``/jobs`` that is
+        #: not tied to a model of the path (a single :class:`~servekit.jobs.JobQueue`).
+        self.job_queues: dict[str | None, Any] = {}
+        if isinstance(jobs, Mapping):
+            for key in jobs:
+                if key not in self.predictors:
+                    raise ValueError(
+                        f"jobs[{key!r}] names no model; models: {sorted(self.predictors)}"
+                    )
+            self.job_queues = {str(key): queue for key, queue in jobs.items()}
+        elif jobs is not None:
+            self.job_queues = {None: jobs}
+        #: The job queue when there is exactly one, else None.
+        self.jobs = next(iter(self.job_queues.values())) if len(self.job_queues) == 1 else None
         self.limits = limits or _v2.Limits()
         self.expose_model_errors = expose_model_errors
         self.name = name
@@ -262,6 +276,10 @@ class Service:
                 v2=v2,
             )
         return _plain_error(404, "not_found", f"no route for {path!r}", v2=v2)
+
+    def distinct_job_queues(self) -> list[Any]:
+        """Every job queue once (for the adapters to start and close)."""
+        return list({id(q): q for q in self.job_queues.values()}.values())
 
     def reject(self, path: str, status: int, code: str, message: str) -> HTTPResponse:
         """An error response the adapters build themselves (a body over the limit, a
@@ -333,7 +351,7 @@ class Service:
         from ._openapi import openapi_document
 
         document = openapi_document(
-            self.predictors, title=self.name, version=__version__, jobs=self.jobs is not None
+            self.predictors, title=self.name, version=__version__, jobs=bool(self.job_queues)
         )
         return json_response(200, document)
 
@@ -499,13 +517,28 @@ class Service:
 
     # --- jobs ----------------------------------------------------------------------
 
-    def _queue(self) -> Any:
-        if self.jobs is None:
+    def _queue(self, model: str | None) -> tuple[str | None, Any]:
+        """The (key, queue) for a job route's model (None: the path names none)."""
+        if not self.job_queues:
             raise _NotFound("this server has no job queue")
-        return self.jobs
+        if model is None:
+            if len(self.job_queues) == 1:
+                return next(iter(self.job_queues.items()))
+            raise _NotFound(
+                "name the model in the path (/models/NAME/jobs); models with jobs: "
+                f"{sorted(k for k in self.job_queues if k is not None)}"
+            )
+        if model in self.job_queues:
+            return model, self.job_queues[model]
+        shared = self.job_queues.get(None)
+        if shared is not None and getattr(shared.predictor, "name", None) == model:
+            return None, shared
+        if model not in self.predictors:
+            raise _NotFound(f"no model named {model!r}")
+        raise _NotFound(f"model {model!r} has no job queue")
 
     def _route_jobs(self, request: HTTPRequest, params: dict[str, str]) -> Call | HTTPResponse:
-        queue = self._queue()
+        model, queue = self._queue(params.get("model"))
         if request.method == "GET":
             raise _NotFound("jobs are not listed over HTTP; keep the ids you were given")
         self._refuse_when_closing()
@@ -525,30 +558,47 @@ class Service:
         async def asubmit() -> Any:
             return await queue.asubmit(x, webhook=webhook, idempotency_key=key, timeout_s=timeout_s)
 
-        return Call(run_sync=submit, run_async=asubmit, finish=self._finish_submitted)
+        return Call(
+            run_sync=submit,
+            run_async=asubmit,
+            finish=lambda result: self._finish_submitted(model, result),
+        )
 
-    def _finish_submitted(self, result: Any) -> HTTPResponse:
+    def _finish_submitted(self, model: str | None, result: Any) -> HTTPResponse:
         if isinstance(result, BaseException):
             return self.error(result)
         from ..jobs import job_dict
 
-        location = f"/jobs/{result.id}"
+        location = f"/jobs/{result.id}" if model is None else f"/models/{model}/jobs/{result.id}"
         return json_response(202, _to_json(job_dict(result)), [("location", location)])
 
     def _route_job(self, request: HTTPRequest, params: dict[str, str]) -> Call:
-        queue = self._queue()
         job_id = params["job"]
-        if request.method == "DELETE":
-            return Call(
-                run_sync=lambda: queue.cancel(job_id),
-                run_async=lambda: queue.acancel(job_id),
-                finish=self._finish_job,
-            )
-        return Call(
-            run_sync=lambda: queue.get(job_id),
-            run_async=lambda: queue.aget(job_id),
-            finish=self._finish_job,
-        )
+        if "model" in params:
+            queues = [self._queue(params["model"])[1]]
+        elif self.job_queues:  # job ids are unique across queues: look in each in turn
+            queues = self.distinct_job_queues()
+        else:
+            raise _NotFound("this server has no job queue")
+        method = "cancel" if request.method == "DELETE" else "get"
+
+        def run_sync() -> Any:
+            for queue in queues[:-1]:
+                try:
+                    return getattr(queue, method)(job_id)
+                except JobNotFound:
+                    continue
+            return getattr(queues[-1], method)(job_id)
+
+        async def run_async() -> Any:
+            for queue in queues[:-1]:
+                try:
+                    return await getattr(queue, "a" + method)(job_id)
+                except JobNotFound:
+                    continue
+            return await getattr(queues[-1], "a" + method)(job_id)
+
+        return Call(run_sync=run_sync, run_async=run_async, finish=self._finish_job)
 
     def _finish_job(self, result: Any) -> HTTPResponse:
         if isinstance(result, BaseException):

@@ -30,16 +30,16 @@ class WSGIApp:
         the first request: call it when the host process starts."""
         for predictor in self.service.predictors.values():
             predictor.start()
-        if self.service.jobs is not None:
-            self.service.jobs.start()
+        for queue in self.service.distinct_job_queues():
+            queue.start()
         self.service.accepting = True
 
     def close(self, grace_s: float = 30.0) -> None:
         """Turn readiness off, refuse new work, then drain and close the predictors and
         the job queue: call it from the host's shutdown hook."""
         self.service.accepting = False
-        if self.service.jobs is not None:
-            self.service.jobs.close(grace_s)
+        for queue in self.service.distinct_job_queues():
+            queue.close(grace_s)
         for predictor in self.service.predictors.values():
             predictor.close(grace_s)
 
