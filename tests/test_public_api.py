@@ -4,6 +4,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import servekit
 import servekit.testing
 
@@ -52,13 +54,49 @@ def test_import_has_no_optional_dependency_and_no_side_effect() -> None:
         "import sys, threading; before = threading.active_count(); import servekit; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'trio', 'pandas', 'pyarrow', 'uvicorn', 'fastapi', 'starlette', 'dask', 'ray', "
-        "'tqdm', 'prometheus_client', 'psutil', 'hypothesis'}); "
+        "'tqdm', 'prometheus_client', 'opentelemetry', 'psutil', 'hypothesis'}); "
         "print(bad, threading.active_count() - before)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[] 0"
+
+
+def test_metrics_exporters_import_their_library_only_when_used() -> None:
+    # The modules that export to prometheus_client and OpenTelemetry import them inside
+    # the functions that need them: importing servekit's transports, metrics and
+    # integrations pulls in neither.
+    code = (
+        "import sys; import servekit.transports, servekit.metrics, servekit.jobs; "
+        "import servekit.integrations.prometheus, servekit.integrations.opentelemetry; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'prometheus_client', 'opentelemetry'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    ("blocked", "call", "extra"),
+    [
+        ("prometheus_client", "register_prometheus", "servekit[prometheus]"),
+        ("opentelemetry", "register_opentelemetry", "servekit[otel]"),
+    ],
+)
+def test_a_missing_exporter_library_names_its_extra(blocked: str, call: str, extra: str) -> None:
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None; import servekit as sk; "
+        "from servekit import metrics; "
+        "p = sk.Predictor(lambda xs: xs)\n"
+        f"try:\n    metrics.{call}(p)\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert f'pip install "{extra}"' in out
 
 
 def test_docstring_examples_run() -> None:

@@ -369,13 +369,14 @@ async def test_http_metrics_parse_with_prometheus_client() -> None:
         families = {f.name: f for f in text_string_to_metric_families(response.text)}
         requests = {
             (s.labels["model"], s.labels["outcome"]): s.value
-            for s in families["servekit_requests"].samples
+            for s in families["servekit_predictions"].samples
         }
-        assert requests[("batched", "success")] == 5
-        assert requests[("plain", "error")] == 1
-        sizes = [s for s in families["servekit_batch_size"].samples if s.name.endswith("_count")]
+        assert requests[("batched", "succeeded")] == 5
+        assert requests[("plain", "failed")] == 1
+        sizes = families["servekit_batch_size_items"].samples
+        sizes = [s for s in sizes if s.name.endswith("_count")]
         assert sizes[0].value == families["servekit_batches"].samples[0].value
-        assert families["servekit_request_duration_seconds"].type == "summary"
+        assert families["servekit_request_duration_seconds"].type == "histogram"
         assert families["servekit_ready"].samples[0].value in (0.0, 1.0)
     finally:
         await batched.aclose()

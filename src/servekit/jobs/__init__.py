@@ -19,6 +19,7 @@ in this process or in ``servekit jobs worker`` processes sharing the store.
 
 from __future__ import annotations
 
+from ._counts import JobQueueStatistics, JobStoreStatistics
 from ._queue import JobQueue, job_dict, report_progress, webhook_body
 from ._records import (
     CallbackState,
@@ -44,8 +45,10 @@ __all__ = [
     "Job",
     "JobNotFound",
     "JobQueue",
+    "JobQueueStatistics",
     "JobStatus",
     "JobStore",
+    "JobStoreStatistics",
     "MemoryJobStore",
     "SQLiteJobStore",
     "StoreUnavailable",

@@ -61,6 +61,8 @@ from ..errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
+from ..metrics import Histogram
+from ._counts import JobQueueStatistics
 from ._records import Job, JobStatus
 from ._sqlite import SQLiteJobStore
 from ._store import WORKER_LOST, JobStore, check_positive
@@ -232,6 +234,9 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._dispatcher: threading.Thread | None = None
         self._callback_pool: ThreadPoolExecutor | None = None
+        self._run_time = Histogram()  # run time of each attempt on this queue's runners
+        self._deliveries = {"delivered": 0, "retrying": 0, "failed": 0}
+        self._deliveries_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -244,6 +249,33 @@ class JobQueue:
     def predictor(self) -> Predictor[Any, Any] | None:
         """The predictor jobs run on (None for a submit-only queue)."""
         return self._predictor
+
+    def statistics(self) -> JobQueueStatistics:
+        """A snapshot of the job counters (see :class:`JobQueueStatistics`): the store's
+        counts of what this process did, jobs in the store by status (read from the
+        store: one indexed count for SQLite), run times and webhook deliveries."""
+        counts = getattr(self._store, "statistics", None)
+        done = counts() if callable(counts) else None
+        by_status = None
+        count_by_status = getattr(self._store, "count_by_status", None)
+        if callable(count_by_status):
+            try:
+                by_status = {s.value: n for s, n in count_by_status().items()}
+            except StoreUnavailable:
+                pass  # no gauge this time rather than a failed scrape
+        deliveries = None
+        if self.webhooks is not None:
+            with self._deliveries_lock:
+                deliveries = dict(self._deliveries)
+        return JobQueueStatistics(
+            model=self._predictor.name if self._predictor is not None else "",
+            submitted=done.submitted if done is not None else 0,
+            finished=done.finished if done is not None else {},
+            retries=done.retried if done is not None else 0,
+            by_status=by_status,
+            run_time=self._run_time.snapshot(),
+            webhooks=deliveries,
+        )
 
     def start(self) -> None:
         """Start the worker threads (and webhook delivery); idempotent."""
@@ -626,6 +658,7 @@ class JobQueue:
             if job.timeout_s is not None:
                 running.deadline = time.monotonic() + job.timeout_s
             token = _current.set(running)
+            started = time.perf_counter()
             try:
                 value = predictor.predict(job.input, timeout_s=job.timeout_s)
                 outcome = _Outcome(running, value=value)
@@ -633,6 +666,7 @@ class JobQueue:
                 outcome = _Outcome(running, error=exc)
             finally:
                 _current.reset(token)
+                self._run_time.observe(time.perf_counter() - started)
             with self._lock:
                 running.finished = True
                 timed_out = running.timed_out
@@ -796,6 +830,9 @@ class JobQueue:
         retry_in = None
         if not delivered and retryable and attempts < webhooks.max_attempts:
             retry_in = webhooks.backoff(attempts)
+        kind = "delivered" if delivered else "retrying" if retry_in is not None else "failed"
+        with self._deliveries_lock:
+            self._deliveries[kind] += 1
         try:
             self._store.record_delivery(
                 job.id, delivered=delivered, error=error, retry_in_s=retry_in

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ._counts import JobStoreStatistics, StoreCounts, transition
 from ._records import (
     CallbackState,
     InvalidJobPayload,
@@ -280,6 +281,10 @@ class SQLiteJobStore:
         self._group = threading.Condition(threading.Lock())
         self._pending: builtins.list[_Op[Any]] = []
         self._committing = False
+        # Transitions the operations of the group being committed made (see _note);
+        # counted once the COMMIT succeeded.
+        self._counts = StoreCounts()
+        self._staged: builtins.list[str] = []
         self._pid = os.getpid()
         try:
             # isolation_level=None: no implicit transactions; every write opens its own
@@ -341,6 +346,27 @@ class SQLiteJobStore:
         """The database file."""
         return self._path
 
+    def statistics(self) -> JobStoreStatistics:
+        """What this store object did so far (in this process, committed writes only):
+        jobs stored, re-queued, moved to a final status."""
+        return self._counts.snapshot()
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs the file holds in each status (every process's), counted on
+        the status index without reading the rows."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
+        counts = dict.fromkeys(JobStatus, 0)
+        for status, n in rows:
+            counts[JobStatus(status)] = n
+        return counts
+
+    def _note(self, old: JobStatus | None, new: Job) -> None:
+        # Called by operations, under self._lock inside _commit.
+        kind = transition(old, new)
+        if kind is not None:
+            self._staged.append(kind)
+
     def _connection(self) -> sqlite3.Connection:
         # Caller holds self._lock.
         if self._conn is None:
@@ -396,19 +422,26 @@ class SQLiteJobStore:
                 for item in batch:
                     item.error = failure
                 return
+            staged = self._staged
+            staged.clear()
             try:
                 for item in batch:
                     conn.execute("SAVEPOINT op")
+                    mark = len(staged)
                     try:
                         item.value = item.op(conn)
                     except sqlite3.Error:
                         raise  # the whole group fails below
                     except Exception as exc:  # the operation's own error: only it fails
                         conn.execute("ROLLBACK TO op")
+                        del staged[mark:]
                         item.error = exc
                     conn.execute("RELEASE op")
                 conn.execute("COMMIT")
+                self._counts.add(staged)
+                staged.clear()
             except BaseException as exc:
+                staged.clear()
                 # COMMIT can fail too (disk full while writing the WAL); then nothing of
                 # the group is kept and every operation in it reports the error.
                 if conn.in_transaction:
@@ -504,6 +537,7 @@ class SQLiteJobStore:
                 f"INSERT INTO jobs ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
                 tuple(fields.values()),
             )
+            self._note(None, job)
             # Decoding our own text gives the caller a private copy of its input.
             return dataclasses.replace(job, input=decode_payload(text))
 
@@ -530,9 +564,11 @@ class SQLiteJobStore:
                 (now, now),
             ).fetchall()
             for row in rows:
-                new = swept(_job(row), now)
+                old = _job(row)
+                new = swept(old, now)
                 if new is not None:
                     conn.execute(_UPDATE, _update_args(new))
+                    self._note(old.status, new)
             out: builtins.list[Job] = []
             while len(out) < limit:
                 rows = conn.execute(
@@ -551,9 +587,9 @@ class SQLiteJobStore:
                         # Never hand a worker a payload we cannot trust, and never leave it
                         # at the head of the queue to be tried forever.
                         error = {"code": exc.code, "message": exc.message}
-                        conn.execute(
-                            _UPDATE, _update_args(finish(job, JobStatus.FAILED, now, error=error))
-                        )
+                        bad = finish(job, JobStatus.FAILED, now, error=error)
+                        conn.execute(_UPDATE, _update_args(bad))
+                        self._note(job.status, bad)
                         continue
                     job = claimed(job, worker_id, now, lease_s)
                     conn.execute(_UPDATE, _update_args(job))
@@ -567,7 +603,9 @@ class SQLiteJobStore:
             job = self._meta(conn, id)
             if not held_by(job, worker_id):
                 return False
-            conn.execute(_UPDATE, _update_args(change(job)))
+            new = change(job)
+            conn.execute(_UPDATE, _update_args(new))
+            self._note(job.status, new)
             return True
 
         return self._transact(op)
@@ -626,9 +664,10 @@ class SQLiteJobStore:
         row = conn.execute(f"SELECT {_META} FROM jobs WHERE id = ?", (id,)).fetchone()
         if row is None or not held_by(job := _job(row), worker_id):
             return False
-        job = completed(job, self._clock())
-        conn.execute(_UPDATE, _update_args(job))
-        if job.status is JobStatus.SUCCEEDED:
+        new = completed(job, self._clock())
+        conn.execute(_UPDATE, _update_args(new))
+        self._note(job.status, new)
+        if new.status is JobStatus.SUCCEEDED:
             conn.execute("UPDATE jobs SET result = ? WHERE id = ?", (text, id))
         return True
 
@@ -651,6 +690,7 @@ class SQLiteJobStore:
             new = _cancelled(job, self._clock())
             if new is not None:
                 conn.execute(_UPDATE, _update_args(new))
+                self._note(job.status, new)
             return self._full(conn, id)
 
         return self._transact(op)
@@ -672,7 +712,9 @@ class SQLiteJobStore:
                 row = conn.execute(f"SELECT {_META} FROM jobs WHERE id = ?", (id,)).fetchone()
                 held = row is not None and held_by(job := _job(row), worker_id)
                 if held:
-                    conn.execute(_UPDATE, _update_args(released(job, self._clock())))
+                    new = released(job, self._clock())
+                    conn.execute(_UPDATE, _update_args(new))
+                    self._note(job.status, new)
                 out.append(held)
             return out
 
@@ -706,7 +748,9 @@ class SQLiteJobStore:
                 f"SELECT {_META} FROM jobs WHERE status = 'queued' AND expires_at <= ?", (now,)
             ).fetchall()
             for row in rows:
-                conn.execute(_UPDATE, _update_args(finish(_job(row), JobStatus.EXPIRED, now)))
+                new = finish(old := _job(row), JobStatus.EXPIRED, now)
+                conn.execute(_UPDATE, _update_args(new))
+                self._note(old.status, new)
             cutoff = now - older_than_s
             rows = conn.execute(
                 f"SELECT {_META} FROM jobs WHERE finished_at <= ?", (cutoff,)

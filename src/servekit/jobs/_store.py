@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from ._counts import JobStoreStatistics, StoreCounts
 from ._records import (
     CallbackState,
     IdempotencyConflict,
@@ -455,6 +456,26 @@ class MemoryJobStore:
         self._entries: dict[str, _Entry] = {}  # insertion order = submission order
         self._keys: dict[str, str] = {}  # idempotency key -> job id
         self._closed = False
+        self._counts = StoreCounts()
+
+    def _put(self, entry: _Entry, new: Job) -> None:
+        # Caller holds self._lock. Every status change goes through here, to be counted.
+        self._counts.note(entry.job.status, new)
+        entry.job = new
+
+    def statistics(self) -> JobStoreStatistics:
+        """What this store did so far: jobs stored, re-queued, moved to a final status."""
+        return self._counts.snapshot()
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs the store holds in each status (a pass over the jobs in
+        memory)."""
+        with self._lock:
+            self._check_open()
+            counts = dict.fromkeys(JobStatus, 0)
+            for entry in self._entries.values():
+                counts[entry.job.status] += 1
+            return counts
 
     def _check_open(self) -> None:
         if self._closed:
@@ -504,6 +525,7 @@ class MemoryJobStore:
                 webhook_url=webhook_url,
             )
             self._entries[job.id] = _Entry(job, text)
+            self._counts.note(None, job)
             if idempotency_key is not None:
                 self._keys[idempotency_key] = job.id
             return self._public(self._entries[job.id])
@@ -518,7 +540,7 @@ class MemoryJobStore:
         for entry in self._entries.values():
             new = swept(entry.job, now)
             if new is not None:
-                entry.job = new
+                self._put(entry, new)
 
     def claim(self, worker_id: str, lease_s: float, limit: int = 1) -> builtins.list[Job]:
         """See :meth:`JobStore.claim`."""
@@ -569,7 +591,7 @@ class MemoryJobStore:
             for id in ids:
                 entry = self._entries.get(id)
                 if entry is not None and held_by(entry.job, worker_id):
-                    entry.job = change(entry.job)
+                    self._put(entry, change(entry.job))
                     out.append(True)
                 else:
                     out.append(False)
@@ -595,7 +617,7 @@ class MemoryJobStore:
                 if entry is None or not held_by(entry.job, worker_id):
                     out.append(False)
                     continue
-                entry.job = completed(entry.job, self._clock())
+                self._put(entry, completed(entry.job, self._clock()))
                 if entry.job.status is JobStatus.SUCCEEDED:
                     entry.result_text = text
                 out.append(True)
@@ -613,7 +635,7 @@ class MemoryJobStore:
             entry = self._entry(id)
             if not held_by(entry.job, worker_id):
                 return False
-            entry.job = failed(entry.job, self._clock(), error, retry, backoff_s)
+            self._put(entry, failed(entry.job, self._clock(), error, retry, backoff_s))
             return True
 
     def cancel(self, id: str) -> Job:
@@ -623,7 +645,7 @@ class MemoryJobStore:
             entry = self._entry(id)
             new = cancelled(entry.job, self._clock())
             if new is not None:
-                entry.job = new
+                self._put(entry, new)
             return self._public(entry)
 
     def set_progress(self, id: str, worker_id: str, progress: float) -> bool:
@@ -659,7 +681,7 @@ class MemoryJobStore:
             now = self._clock()
             for entry in self._entries.values():
                 if entry.job.status is JobStatus.QUEUED and swept(entry.job, now) is not None:
-                    entry.job = finish(entry.job, JobStatus.EXPIRED, now)
+                    self._put(entry, finish(entry.job, JobStatus.EXPIRED, now))
             cutoff = now - older_than_s
             doomed = [id for id, e in self._entries.items() if purgeable(e.job, cutoff)]
             for id in doomed:

@@ -358,7 +358,7 @@ class Service:
     def _route_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         from ._metrics import CONTENT_TYPE, render
 
-        text = render(self.predictors, ready=self.ready())
+        text = render(self.predictors, ready=self.ready(), jobs=self.job_queues)
         return HTTPResponse(200, [("content-type", CONTENT_TYPE)], text.encode())
 
     def _route_server_metadata(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
