@@ -128,7 +128,8 @@ class LatencySummary:
     p99_s: float
     #: Largest value in the window.
     max_s: float
-    #: Every observation since start, in the buckets of :data:`DURATION_BUCKETS_S`.
+    #: Every observation since start, in the buckets of
+    #: :data:`~servekit.metrics.DURATION_BUCKETS_S`.
     histogram: HistogramSnapshot = _EMPTY_HISTOGRAM
 
 
