@@ -49,8 +49,9 @@ Decisions
 * **Header length** (``Inference-Header-Content-Length``): an ``int`` or a string of
   ASCII digits (surrounding whitespace allowed), with ``0 < n <= len(body)``.
 * **Requested outputs**: unique non-empty string names; ``binary`` is the output's
-  ``parameters.binary_data_output`` when present, else the request's
-  ``parameters.binary_data_output``, else ``False``; both must be booleans.
+  ``parameters.binary_data`` (the extension's name; ``binary_data_output`` there is
+  read too) when present, else the request's ``parameters.binary_data_output``, else
+  ``False``; all must be booleans.
 * **Timeout and priority.** ``parameters.servekit_timeout_s`` is a timeout in seconds
   (servekit's own key); when it is absent, Triton's ``parameters.timeout`` is read in
   *microseconds*. Either must be a finite number >= 0 (booleans refused); 0 means "no
@@ -222,7 +223,7 @@ class RequestedOutput:
     """An output named in a request's ``outputs``.
 
     ``binary`` says whether the client wants it in the binary section (its own
-    ``binary_data_output`` parameter, else the request's); ``parameters`` is the
+    ``binary_data`` parameter, else the request's ``binary_data_output``); ``parameters`` is the
     output's parameters object as sent.
     """
 
@@ -748,7 +749,11 @@ def _decode_outputs(
             raise V2Error(f"{where}.name {name!r} is a duplicate")
         seen.add(name)
         params = _parameters(item, where)
-        binary = _optional_bool(params, "binary_data_output", where)
+        # The extension names it ``binary_data`` on a requested output (what
+        # tritonclient sends); ``binary_data_output`` there is accepted as well.
+        binary = _optional_bool(params, "binary_data", where)
+        if binary is None:
+            binary = _optional_bool(params, "binary_data_output", where)
         result.append(RequestedOutput(name, binary_default if binary is None else binary, params))
     return tuple(result)
 
