@@ -57,7 +57,7 @@ from ._batch_records import (
     unwrap,
 )
 from ._collate import Collate, acollated, collated
-from ._outcome import Failure, arun_batch, deadline_error, run_batch
+from ._outcome import Failure, arun_batch, deadline_error, run_batch, to_model_error
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 from .metrics import LatencyWindow
@@ -68,6 +68,8 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 _monotonic = time.monotonic
+# The running asyncio loop, or None (trio, or no loop): no exception to catch.
+_get_running_loop = asyncio._get_running_loop
 
 # Lifecycle states, in order. Plain ints: compared on every submit.
 _NEW = 0  # no thread started yet (the first submit or start() starts them)
@@ -426,8 +428,43 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        result: Out = unwrap((await self._aoutcome(x, timeout_s, priority)).outcome)
+        fast = self._afast(x, timeout_s, priority)
+        if fast is None:
+            record = await self._aoutcome(x, timeout_s, priority)
+        else:
+            record, future = fast
+            try:
+                await future
+            except BaseException:
+                self._give_up(record, Cancelled("the caller was cancelled"))
+                raise
+        outcome = record.outcome
+        if type(outcome) is Failure:
+            raise to_model_error(outcome.error)
+        result: Out = outcome
         return result
+
+    def _afast(
+        self, x: Any, timeout_s: float | None, priority: int
+    ) -> tuple[Pending, asyncio.Future[None]] | None:
+        """Queue ``x`` for an asyncio caller on the hot path: its record and the bare
+        future to await (set by :func:`~servekit._waker.wake_all`, one loop call per
+        batch). None where the general path of :meth:`_aoutcome` applies: trio, a
+        timeout, or an item that may run alone on the loop.
+
+        A plain function, not a coroutine: the caller awaits the future itself, which
+        saves a coroutine per request on the event loop, whose per-item work bounds
+        throughput (DESIGN.md §5).
+        """
+        if timeout_s is not None or self.max_timeout_s is not None:
+            return None
+        if not self._depth and self._may_run_on_loop():
+            return None
+        loop = _get_running_loop()
+        if loop is None:
+            return None
+        future = loop.create_future()
+        return self._enqueue(x, None, future, priority), future
 
     async def _aoutcomes(
         self, xs: Iterable[Any], timeout_s: float | None, priority: int
@@ -466,16 +503,14 @@ class Batcher(Generic[In, Out]):
         """Async twin of :meth:`_outcome`."""
         timeout_s = self._clamp(timeout_s)
         if timeout_s is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass  # trio: the general path below
-            else:
-                # The hot path of asyncio callers: the future is the waiter, awaited
-                # directly (wake_all sets a whole batch's futures in one loop call).
+            loop = _get_running_loop()
+            if loop is not None:
+                # asyncio: the future is the waiter, awaited directly (wake_all sets a
+                # whole batch's futures in one loop call). Busy batchers take the same
+                # path without this coroutine (_afast).
                 future = loop.create_future()
                 alone = self._may_run_on_loop()
-                record = self._enqueue(x, None, future, priority, notify=not alone)
+                record = self._enqueue(x, None, future, priority, not alone)
                 try:
                     if alone and await self._ran_on_loop(record):
                         return record
@@ -486,7 +521,7 @@ class Batcher(Generic[In, Out]):
                 return record
         waiter = make_async_waiter()
         alone = timeout_s is None and self._may_run_on_loop()
-        record = self._enqueue(x, timeout_s, waiter, priority, notify=not alone)
+        record = self._enqueue(x, timeout_s, waiter, priority, not alone)
         try:
             if alone and await self._ran_on_loop(record):
                 return record
@@ -504,20 +539,26 @@ class Batcher(Generic[In, Out]):
         timeout_s: float | None,
         waiter: Waiter | asyncio.Future[None],
         priority: int = 0,
-        *,
         notify: bool = True,
     ) -> Pending:
-        size = 1 if self.size_fn is None else self._size_of(x)
-        key: Hashable = None
-        if self.group_key is not None:
-            key = self.group_key(x)
-        if self.collate is not None:
-            # Only items the collation can put in one batch share it (same shape, dtype).
-            shape_key = self.collate.group_key(x)
-            key = shape_key if key is None else (key, shape_key)
         now = _monotonic()
-        deadline = None if timeout_s is None else now + timeout_s
-        record = Pending(x, deadline, now, waiter, priority, key, size)
+        if self.size_fn is None and self.group_key is None and self.collate is None:
+            # The common case, kept short: this runs once per request on the caller's
+            # thread (often the event loop, whose per-item work bounds throughput).
+            record = Pending(
+                x, None if timeout_s is None else now + timeout_s, now, waiter, priority
+            )
+        else:
+            size = 1 if self.size_fn is None else self._size_of(x)
+            key: Hashable = None
+            if self.group_key is not None:
+                key = self.group_key(x)
+            if self.collate is not None:
+                # Only items the collation can put in one batch share it (same shape, dtype).
+                shape_key = self.collate.group_key(x)
+                key = shape_key if key is None else (key, shape_key)
+            deadline = None if timeout_s is None else now + timeout_s
+            record = Pending(x, deadline, now, waiter, priority, key, size)
         with self._lock:
             if self._state != _OPEN:
                 self._start_locked()  # raises Closed once close() has been called
@@ -540,7 +581,7 @@ class Batcher(Generic[In, Out]):
             record.seq = self._formed
             level.append(record)
             self._depth += 1
-            self._cost += size
+            self._cost += record.size
             if self._waiting and notify:
                 # Condition.notify costs ~0.5 µs even with nobody waiting; under load
                 # every worker is busy, so most submissions skip it.
@@ -746,11 +787,41 @@ class Batcher(Generic[In, Out]):
 
     def _form_locked(self) -> tuple[list[Pending], list[Pending]]:
         queue = self._pick_level_locked()
-        key = queue[0].key
         batch: list[Pending] = []
         expired: list[Pending] = []
-        skipped: list[Pending] = []  # other groups' items, put back in order
         now = _monotonic()
+        if self.size_fn is None and self.group_key is None and self.collate is None:
+            # Every item costs 1 and all may share a batch: take from the head, drop the
+            # expired. The common case, and on the slot's GIL-holding path.
+            limit = self.max_batch_size
+            taken = 0
+            while queue and len(batch) < limit:
+                record = queue.popleft()
+                record.queued = False
+                taken += 1
+                deadline = record.deadline
+                if deadline is not None and now >= deadline:
+                    record.settled = True
+                    record.outcome = Failure(deadline_error(None))
+                    expired.append(record)
+                else:
+                    batch.append(record)
+            self._depth -= taken
+            self._cost -= taken
+        else:
+            self._form_keyed_locked(queue, now, batch, expired)
+        if expired:
+            self._expired += len(expired)
+        if not self._depth and self._state == _CLOSING:
+            self._drained.notify_all()
+        return batch, expired
+
+    def _form_keyed_locked(
+        self, queue: deque[Pending], now: float, batch: list[Pending], expired: list[Pending]
+    ) -> None:
+        """Form a batch by cost budget and group key (appends to ``batch``/``expired``)."""
+        key = queue[0].key
+        skipped: list[Pending] = []  # other groups' items, put back in order
         budget = self.max_batch_size
         while queue and budget > 0:
             record = queue[0]
@@ -774,10 +845,6 @@ class Batcher(Generic[In, Out]):
             self._depth -= 1
             self._cost -= record.size
         queue.extendleft(reversed(skipped))
-        self._expired += len(expired)
-        if not self._depth and self._state == _CLOSING:
-            self._drained.notify_all()
-        return batch, expired
 
     def _run(
         self,
@@ -805,7 +872,6 @@ class Batcher(Generic[In, Out]):
         finally:
             running_batch.records = None
         elapsed = _monotonic() - started
-        woken: list[Pending] = []
         with self._lock:
             self._running -= 1
             if self._waiting and self._depth:
@@ -821,6 +887,14 @@ class Batcher(Generic[In, Out]):
                 else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
             )
             wait = self._queue_wait
+            settled = failed = 0
+            # Caller threads are woken in a chain: the slot wakes the first, each wakes
+            # the next as it returns, so they queue for the GIL one at a time instead of
+            # all at once (a herd that also starves the slot of the GIL). Linked under
+            # the lock, so a caller that times out meanwhile still sees its successor.
+            others: list[Any] = []
+            head: Any = None
+            last: Pending | None = None  # the chain's tail
             for record, outcome in zip(batch, outcomes, strict=True):
                 wait.record(started - record.enqueued)
                 if record.settled:
@@ -829,23 +903,19 @@ class Batcher(Generic[In, Out]):
                 record.outcome = outcome
                 record.tag = tag
                 if type(outcome) is Failure:
-                    self._failed += 1
-                else:
-                    self._succeeded += 1
-                woken.append(record)
-            # Caller threads are woken in a chain: the slot wakes the first, each wakes
-            # the next as it returns, so they queue for the GIL one at a time instead of
-            # all at once (a herd that also starves the slot of the GIL). Linked under
-            # the lock, so a caller that times out meanwhile still sees its successor.
-            others: list[Any] = []
-            head: Any = None
-            for record in reversed(woken):
+                    failed += 1
                 waiter = record.waiter
                 if type(waiter) is SyncWaiter:
-                    record.chain = head
-                    head = waiter
+                    if last is None:
+                        head = waiter
+                    else:
+                        last.chain = waiter
+                    last = record
                 else:
                     others.append(waiter)
+                settled += 1
+            self._failed += failed
+            self._succeeded += settled - failed
         if head is not None:
             head.wake()
         if others:

@@ -146,11 +146,18 @@ def wake_all(waiters: list[Any]) -> None:
     that wakes all of that loop's callers is much cheaper.
     """
     groups: dict[int, list[Any]] = {}
-    futures: dict[int, list[asyncio.Future[None]]] = {}
+    futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    # Most of a batch's waiters are futures of one loop: keep that loop's list at hand.
+    last_loop: Any = None
+    last_group: list[asyncio.Future[None]] = []
     for waiter in waiters:
         kind = type(waiter)
         if kind is _FUTURE:
-            futures.setdefault(id(waiter.get_loop()), []).append(waiter)
+            loop = waiter.get_loop()
+            if loop is not last_loop:
+                last_loop = loop
+                last_group = futures.setdefault(loop, [])
+            last_group.append(waiter)
         elif kind is _AsyncioWaiter:
             groups.setdefault(id(waiter._loop), []).append(waiter)
         elif kind is _TrioWaiter:
@@ -171,8 +178,10 @@ def wake_all(waiters: list[Any]) -> None:
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:
     for future in futures:
-        if not future.done():  # a cancelled caller's future is done already
+        try:
             future.set_result(None)
+        except asyncio.InvalidStateError:
+            pass  # a cancelled caller's future is done already
 
 
 def make_async_waiter() -> AsyncWaiter:
