@@ -3,6 +3,7 @@ exports (text, prometheus_client, OpenTelemetry) agreeing series for series."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -107,6 +108,35 @@ def test_latency_window_histogram_matches_a_direct_count(size: int, steps: Any) 
     assert list(h.counts) == expected
     assert h.count == len(seen)
     assert h.sum == pytest.approx(sum(seen))
+
+
+@given(
+    st.integers(1, 9),
+    st.lists(
+        st.tuples(st.lists(st.floats(0, 1000, allow_nan=False), max_size=12), st.booleans()),
+        max_size=30,
+    ),
+)
+def test_latency_window_record_many_equals_recording_one_by_one(size: int, steps: Any) -> None:
+    # The batcher records a batch's queue waits with one call; the window must end up
+    # exactly as if they had been recorded one at a time (ring, histogram, count).
+    bulk, single = LatencyWindow(size=size), LatencyWindow(size=size)
+    for values, look in steps:
+        bulk.record_many(values)
+        for v in values:
+            single.record(v)
+        if look:
+            _same_summary(bulk, single)
+    _same_summary(bulk, single)
+
+
+def _same_summary(a: LatencyWindow, b: LatencyWindow) -> None:
+    x, y = a.summary(), b.summary()
+    # The histogram's sum is added up in bulk, in another order: equal but for rounding.
+    assert x.histogram.sum == pytest.approx(y.histogram.sum)
+    assert dataclasses.replace(x, histogram=None) == dataclasses.replace(y, histogram=None)
+    assert x.histogram.counts == y.histogram.counts
+    assert x.histogram.count == y.histogram.count
 
 
 def test_histogram_counts_from_many_threads_without_losing_any() -> None:

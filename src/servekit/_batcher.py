@@ -886,7 +886,7 @@ class Batcher(Generic[In, Out]):
                 if self._batch_s <= 0.0
                 else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
             )
-            wait = self._queue_wait
+            self._queue_wait.record_many([started - record.enqueued for record in batch])
             settled = failed = 0
             # Caller threads are woken in a chain: the slot wakes the first, each wakes
             # the next as it returns, so they queue for the GIL one at a time instead of
@@ -896,7 +896,6 @@ class Batcher(Generic[In, Out]):
             head: Any = None
             last: Pending | None = None  # the chain's tail
             for record, outcome in zip(batch, outcomes, strict=True):
-                wait.record(started - record.enqueued)
                 if record.settled:
                     continue  # its caller gave up while the batch ran: the result is dropped
                 record.settled = True

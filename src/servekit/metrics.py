@@ -166,6 +166,31 @@ class LatencyWindow:
             self._values[count % self._size] = seconds
         self._count = count + 1
 
+    def record_many(self, seconds: list[float]) -> None:
+        """Add several observations at once, as :meth:`record` would one by one.
+
+        The batcher records a whole batch's queue waits with one call: one slice
+        assignment instead of a call per item.
+        """
+        n = len(seconds)
+        if self._count < self._size or n > self._size:
+            for value in seconds:
+                self.record(value)
+            return
+        if self._count + n - self._counted > self._size:
+            # The slots about to be overwritten hold values not yet counted.
+            self._take(self._uncounted())
+            self._counted = self._count
+        start = self._count % self._size
+        end = start + n
+        if end <= self._size:
+            self._values[start:end] = seconds
+        else:
+            split = self._size - start
+            self._values[start:] = seconds[:split]
+            self._values[: end - self._size] = seconds[split:]
+        self._count += n
+
     def _uncounted(self) -> list[float]:
         n = self._count - self._counted
         if n == 0:
