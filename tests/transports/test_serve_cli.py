@@ -20,12 +20,15 @@ pytest.importorskip("uvicorn")
 
 _APP = textwrap.dedent(
     """
+    import os
     import time
     import servekit as sk
 
     @sk.model(per_item=True)
     def slow_double(x: int) -> int:
-        time.sleep(0.5)
+        # Say that the item is in the model, so the test signals only then.
+        open(os.path.join(os.environ["SD01_DIR"], f"{x}.started"), "w").close()
+        time.sleep(1.0)
         return 2 * x
 
     predictor = sk.Predictor(slow_double, backend=sk.Threads(8))
@@ -42,7 +45,9 @@ def free_port() -> int:
 def test_serve_answers_and_drains_on_sigterm(tmp_path: Path) -> None:
     (tmp_path / "sd01_app.py").write_text(_APP)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    started = tmp_path / "started"
+    started.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SD01_DIR": str(started)}
     command = [sys.executable, "-m", "servekit", "serve", "sd01_app:predictor"]
     command += ["--port", str(port), "--grace-s", "10", "--log-level", "warning"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
@@ -64,7 +69,11 @@ def test_serve_answers_and_drains_on_sigterm(tmp_path: Path) -> None:
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(call, x) for x in range(8)]
-            time.sleep(0.2)  # the requests are in the model
+            # SIGTERM once every request is in the model (each takes 1 s there).
+            wait_until = time.monotonic() + 20
+            while len(list(started.iterdir())) < 8:
+                assert time.monotonic() < wait_until, "the requests did not reach the model"
+                time.sleep(0.01)
             stopped = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
