@@ -168,3 +168,24 @@ def test_importing_servekit_batch_imports_no_cluster_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_writes_parts_through_its_own_temporary_file(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from servekit.batch import ParquetSink
+    from servekit.batch._partitions import _write_part
+
+    sink = ParquetSink(tmp_path / "out.parquet")
+    sink.open({"run": 1}, resume=False, overwrite=False)
+    # Another writer of the same chunk (a partition the cluster runs twice) is half-way
+    # through the sink's own temporary name: it must not be renamed into place.
+    theirs = sink.parts_dir / "part-00000000.parquet.tmp"
+    theirs.write_bytes(b"half a part")
+    _write_part(sink, 0, {"id": np.arange(3)}, 3)
+    _write_part(sink, 1, {"id": np.arange(0)}, 0)
+    assert theirs.read_bytes() == b"half a part"
+    assert pq.read_table(sink.parts_dir / "part-00000000.parquet").num_rows == 3
+    assert (sink.parts_dir / "part-00000001.empty").exists()
+    sink.finish()
+    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == [0, 1, 2]

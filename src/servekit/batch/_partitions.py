@@ -33,6 +33,7 @@ sinks (SQL, lists, callables) get the outputs back on the driver, written in ord
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -40,6 +41,7 @@ import itertools
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,7 +50,7 @@ from .._predictor import Predictor
 from ..backends import Inline
 from ..errors import SourceError
 from ._runner import _SAMPLE, RunnerJob, _ChunkResult, _Counts, _error_columns, _Run
-from ._sinks import _PartFileSink
+from ._sinks import _EMPTY, _check_lengths, _PartFileSink, _publish
 from ._sources import (
     _UTF8_BOM,
     CSVSource,
@@ -600,16 +602,41 @@ def _run_chunks(
             break
         if spec.sink is not None:
             if spec.error_sink is not None:
-                spec.error_sink.write_chunk(
-                    chunk.index, _error_columns(out.errors, spec.keys), len(out.errors)
-                )
-            spec.sink.write_chunk(chunk.index, out.columns, out.n_rows)
+                errors = _error_columns(out.errors, spec.keys)
+                _write_part(spec.error_sink, chunk.index, errors, len(out.errors))
+            _write_part(spec.sink, chunk.index, out.columns, out.n_rows)
         else:
             assert result.results is not None
             result.results.append(out)
         result.stats.append(stat)
         if report is not None and spec.sink is not None:
             report(stat)  # (chunks the driver writes are counted when written)
+
+
+def _write_part(sink: Sink, index: int, columns: dict[str, Any], n_rows: int) -> None:
+    """``sink.write_chunk`` of a file sink, through a temporary file of this writer's own.
+
+    A cluster may run a partition twice at once (a worker it thought lost still runs
+    it): with the sink's one ``<part>.tmp`` name, one writer could rename the other's
+    half-written file into place. Each writer's own temporary name keeps every part
+    whole; the last rename wins, and both hold the same rows. Stray ``*.tmp`` files
+    are removed by a resumed run and with the parts directory at ``finish``.
+    """
+    assert isinstance(sink, _PartFileSink)
+    sink._require_open()
+    _check_lengths(columns, n_rows)
+    stem = f"part-{index:08d}"
+    final = sink.parts_dir / f"{stem}.{sink.ext if n_rows else _EMPTY}"
+    other = sink.parts_dir / f"{stem}.{_EMPTY if n_rows else sink.ext}"
+    if other.exists():  # a redone chunk changing kind: never leave both behind
+        with contextlib.suppress(FileNotFoundError):
+            other.unlink()
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
+    if n_rows:
+        sink._write_part(tmp, columns, n_rows)
+    else:
+        tmp.write_bytes(b"")
+    _publish(tmp, final)
 
 
 # -- the driver's side -----------------------------------------------------------------
