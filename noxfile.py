@@ -9,7 +9,16 @@ import nox
 
 # `tests` runs last, so that pytest's summary is the closing line of a plain `nox` run
 # (CI reads the last test runner's summary; schemathesis prints one of its own).
-nox.options.sessions = ["lint", "typecheck", "docs", "examples", "conformance", "tests"]
+nox.options.sessions = [
+    "lint",
+    "typecheck",
+    "docs",
+    "examples",
+    "conformance",
+    "dask",
+    "ray",
+    "tests",
+]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -35,7 +44,11 @@ def tests(session: nox.Session) -> None:
 def dask(session: nox.Session) -> None:
     """DaskRunner on a real 2-worker LocalCluster (not in the default run)."""
     session.install("-e", ".[dask,parquet]", *_group("test"))
-    tests = ["tests/distributed/test_partitions.py", "tests/distributed/test_dask.py"]
+    tests = [
+        "tests/distributed/test_partitions.py",
+        "tests/distributed/test_dask.py",
+        "tests/distributed/test_sql_ranges.py",
+    ]
     session.run("pytest", *tests, *session.posargs)
 
 
