@@ -18,6 +18,15 @@ How an input is split (``plan``):
   parses only its range, with the same rules as a local read (the same row numbers,
   the same ``malformed_row`` messages, line numbers included). CSV byte ranges need an
   ASCII-compatible encoding (UTF-8, Latin-1...); other encodings are read on the driver.
+* **SQL with key ranges** (an ``SQLSource`` given ``connect`` and ``partition_key``):
+  the driver reads the key column once, in key order (``SELECT key FROM (query)
+  ORDER BY key``: portable, one pass, no ``NTILE``), and notes the key that starts
+  each chunk; a partition is a run of chunks, bounded by the keys starting its first
+  chunk and the next partition's, so its rows are exactly those chunks' rows, and a
+  worker numbers them from its first chunk as a local run does. A worker opens its own
+  connection with ``connect()`` and runs ``SELECT * FROM (query) WHERE key >= ? AND
+  key < ? ORDER BY key``, bounds bound as parameters; if the range holds a different
+  number of rows than planned (the table changed), the partition fails.
 * **Everything else** (arrays, DataFrames, iterables, SQL queries, custom sources):
   the driver reads the chunks and ships each partition's rows to a worker, a few
   partitions ahead of the workers, so memory stays bounded.
@@ -56,6 +65,7 @@ from ._sources import (
     CSVSource,
     JSONLSource,
     ParquetSource,
+    SQLSource,
     _chunk_records,
     _lines,
     _parse_object,
@@ -100,6 +110,11 @@ class Partition:
     lines_before: int = 0
     #: The rows themselves, when the driver read them (in-memory inputs, SQL, iterables).
     chunks: list[Chunk] | None = None
+    #: Key range of its rows, for SQL key ranges: ``low <= key < high`` (None: open).
+    low: Any = None
+    high: Any = None
+    #: Rows it holds, when the plan knows (SQL key ranges: checked on the worker).
+    n_rows: int = -1
 
 
 @dataclasses.dataclass(slots=True)
@@ -271,6 +286,10 @@ def plan(
         reader, parts = planned
     elif isinstance(source, JSONLSource):
         reader, parts = _JSONLReader.plan(source, chunk_size, workers, partition_rows)
+    elif isinstance(source, SQLSource) and source._connect is not None:
+        from ._sqlranges import SQLRangeReader
+
+        reader, parts = SQLRangeReader.plan(source, chunk_size, workers, partition_rows)
     else:
         parts = _shipped(job, workers, partition_rows)
         return None, parts
