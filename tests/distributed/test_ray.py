@@ -112,3 +112,50 @@ def test_runner_arguments_are_checked() -> None:
         RayRunner(actors=0)
     with pytest.raises(ValueError, match="num_cpus"):
         RayRunner(num_cpus=-1)
+
+
+def test_sql_key_ranges_match_a_local_run(ray_session: Any, tmp_path: Path) -> None:
+    import functools
+    import sqlite3
+
+    from servekit.batch import SQLSource
+
+    db = tmp_path / "in.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, x REAL)")
+        con.executemany(
+            "INSERT INTO items VALUES (?, ?)", [(7 * i + i % 2, i) for i in range(2000)]
+        )
+    con.close()
+    query = "SELECT id, x FROM items WHERE x < ?"
+    out: list[dict[str, Any]] = []
+    report = run_batch(
+        _models.Picky(),
+        SQLSource(
+            query=query,
+            params=(1500,),
+            connect=functools.partial(sqlite3.connect, str(db)),
+            partition_key="id",
+        ),
+        out,
+        key="id",
+        columns="x",
+        chunk_size=100,
+        progress=False,
+        runner=RayRunner(partition_rows=400),
+    )
+    local: list[dict[str, Any]] = []
+    connection = sqlite3.connect(db)
+    expected = run_batch(
+        _models.Picky(),
+        SQLSource(connection, query + " ORDER BY id", (1500,)),
+        local,
+        key="id",
+        columns="x",
+        chunk_size=100,
+        progress=False,
+    )
+    connection.close()
+    assert report.rows_read == expected.rows_read == 1500
+    assert report.errors == expected.errors and report.rows_failed > 0
+    assert out == local
