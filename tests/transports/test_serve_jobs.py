@@ -10,6 +10,7 @@ its own model.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -211,3 +212,39 @@ def test_servekit_serve_runs_a_queue_per_model_on_its_own_store(tmp_path: Path) 
         finally:
             store.close()
     assert not (tmp_path / "jobs.sqlite3").exists()
+
+
+@pytest.mark.anyio
+async def test_a_batch_run_started_over_http_as_a_job(tmp_path: Path) -> None:
+    # A batch run is a job of a BatchJob model: POST the run's spec, poll, read the report.
+    # A notification at the end would be the queue's webhook; here the poll shows the end.
+    from servekit.batch import BatchJob
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}, "x": {i}}}\n' for i in range(40)))
+    runs = sk.Predictor(BatchJob(double, root=tmp_path), name="batch")
+    predictors = {"double": sk.Predictor(double, name="double"), "batch": runs}
+    app = create_asgi_app(predictors, jobs={"batch": JobQueue(runs, store=MemoryJobStore())})
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            spec = {"input": "in.jsonl", "output": "out.jsonl", "key": ["id"], "columns": "x"}
+            submitted = await http.post("/models/batch/jobs", json={"input": spec})
+            assert submitted.status_code == 202
+            job = await _finished(http, submitted.headers["location"])
+            assert job["status"] == "succeeded", job
+            assert job["result"]["rows_succeeded"] == 40
+            assert job["result"]["status"] == "completed"
+            # A spec that leaves the root is refused by the run, as a failed job.
+            bad = await http.post(
+                "/models/batch/jobs", json={"input": {"input": "in.jsonl", "output": "../o.jsonl"}}
+            )
+            failed = await _finished(http, bad.headers["location"])
+            assert (failed["status"], failed["error"]["code"]) == ("failed", "unsafe_path")
+            # A spec without an output is invalid input, refused at submission.
+            missing = await http.post("/models/batch/jobs", json={"input": {"input": "in.jsonl"}})
+            assert missing.status_code == 422
+    finally:
+        await app.shutdown()
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["prediction"] for line in lines) == [2 * i for i in range(40)]
