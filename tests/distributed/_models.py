@@ -58,3 +58,10 @@ def loads(loads_dir: Path) -> "dict[int, int]":
         pid = int(entry.name.split("-")[0])
         counts[pid] = counts.get(pid, 0) + 1
     return counts
+
+
+def duckdb_read_only(path: str) -> Any:
+    """A read-only DuckDB connection (duckdb.connect itself cannot be pickled)."""
+    import duckdb
+
+    return duckdb.connect(path, read_only=True)

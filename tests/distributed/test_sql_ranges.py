@@ -205,3 +205,52 @@ def test_rows_added_after_the_plan_fail_the_partition(tmp_path: Path) -> None:
         list(reader.read(Partition(0, 0, 2, high=_key(300), n_rows=200), 100))
     with pytest.raises(SourceError, match="fewer"):
         list(reader.read(Partition(0, 0, 4, high=_key(300), n_rows=400), 100))
+
+
+def test_duckdb_key_ranges_on_dask_match_a_local_run(dask_client: Any, tmp_path: Path) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    path = str(tmp_path / "in.duckdb")
+    con = duckdb.connect(path)
+    con.execute("CREATE TABLE items (id BIGINT, x DOUBLE)")
+    con.executemany("INSERT INTO items VALUES (?, ?)", [(_key(i), float(i)) for i in range(N)])
+    con.close()
+    # duckdb.connect cannot be pickled: refused before any work, with the way out.
+    unpicklable = functools.partial(duckdb.connect, path, read_only=True)
+    with pytest.raises(TypeError, match="module level"):
+        run_batch(
+            _models.double,
+            SQLSource(query="SELECT id, x FROM items", connect=unpicklable, partition_key="id"),
+            [],
+            columns="x",
+            progress=False,
+            runner=DaskRunner(dask_client),
+        )
+    # Read-only: several processes may open a DuckDB file at once only so.
+    connect = functools.partial(_models.duckdb_read_only, path)
+    query = "SELECT id, x FROM items WHERE x >= ?"
+    out: list[dict[str, Any]] = []
+    report = run_batch(
+        _models.Picky(),
+        SQLSource(query=query, params=(10.0,), connect=connect, partition_key="id"),
+        out,
+        key="id",
+        columns="x",
+        chunk_size=100,
+        progress=False,
+        runner=DaskRunner(dask_client, partition_rows=600),
+    )
+    local: list[dict[str, Any]] = []
+    connection = connect()
+    expected = run_batch(
+        _models.Picky(),
+        SQLSource(connection, query + " ORDER BY id", (10.0,)),
+        local,
+        key="id",
+        columns="x",
+        chunk_size=100,
+        progress=False,
+    )
+    connection.close()
+    assert report.rows_read == expected.rows_read == N - 10
+    assert report.errors == expected.errors and report.rows_failed > 0
+    assert out == local

@@ -34,6 +34,7 @@ class SQLRangeReader(_Reader):
         key = source._partition_key
         assert key is not None
         assert source._connect is not None
+        _check_picklable(source._connect)
         connection = source._open()
         column = quote_identifier(key)
         keys = f"SELECT {column} FROM ({source._query}) AS servekit_rows ORDER BY {column}"
@@ -131,3 +132,18 @@ def _key_partitions(
             high=starts[last] if last < len(starts) else None,
             n_rows=rows,
         )
+
+
+def _check_picklable(connect: Callable[[], Any]) -> None:
+    """Refuse a connection factory the workers could not be sent, before any work."""
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(connect)
+    except Exception as exc:
+        raise TypeError(
+            f"connect cannot be pickled to go to the cluster's workers ({exc}); wrap the "
+            "driver's connect in a function defined at module level (for example "
+            "def connect(): return duckdb.connect(path, read_only=True)) and pass that, "
+            "or functools.partial of it"
+        ) from exc
