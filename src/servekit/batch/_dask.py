@@ -56,7 +56,9 @@ class DaskRunner:
     must be on storage that every worker and the driver see; other sinks are written by
     the driver. ``max_in_flight`` bounds the partitions whose rows the driver has read
     and shipped but not yet seen finish (inputs the workers cannot read themselves:
-    arrays, DataFrames, iterables, SQL queries; default: two per worker thread).
+    arrays, DataFrames, iterables, SQL queries without key ranges; default: two per
+    worker thread). An ``SQLSource`` given ``connect`` and ``partition_key`` is read by
+    the workers in key ranges instead.
 
     Example::
 
