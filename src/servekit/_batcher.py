@@ -439,7 +439,7 @@ class Batcher(Generic[In, Out]):
                 self._give_up(record, Cancelled("the caller was cancelled"))
                 raise
         outcome = record.outcome
-        if type(outcome) is Failure:
+        if type(outcome) is Failure:  # unwrap(), inlined: one call less per request
             raise to_model_error(outcome.error)
         result: Out = outcome
         return result
