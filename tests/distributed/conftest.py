@@ -53,7 +53,7 @@ def dask_client() -> Iterator[Any]:
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: other clusters may hold 8787
             silence_logs=50,
         ) as cluster,
         Client(cluster) as client,

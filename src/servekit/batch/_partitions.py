@@ -115,6 +115,8 @@ class Partition:
     high: Any = None
     #: Rows it holds, when the plan knows (SQL key ranges: checked on the worker).
     n_rows: int = -1
+    #: Byte ranges ``(file, offset, stop, lines before)`` of a multi-file text input.
+    segments: list[tuple[int, int, int, int]] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -274,7 +276,14 @@ def plan(
     source, chunk_size = job.source, job.chunk_size
     reader: _Reader | None = None
     parts: Iterator[Partition]
-    if isinstance(source, ParquetSource):
+    from ._files import _Many, plan_files
+
+    if isinstance(source, _Many):
+        planned_files = plan_files(source, chunk_size, workers, partition_rows)
+        if planned_files is None:
+            return None, _shipped(job, workers, partition_rows)
+        reader, parts = planned_files
+    elif isinstance(source, ParquetSource):
         n_rows = int(source.describe()["rows"])
         reader = _ParquetReader(source._path, source._columns)
         ranges = _ranges(math.ceil(n_rows / chunk_size), workers, partition_rows, chunk_size)

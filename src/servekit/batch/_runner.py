@@ -227,6 +227,10 @@ def run_batch(
         source, sink, error_sink = (_inside(v, Path(root)) for v in (source, sink, error_sink))
 
     src: Source = open_source(source)
+    if root is not None:
+        from ._files import confine
+
+        confine(src, root)  # every file of a multi-file input must be inside the root
     out: Sink = open_sink(sink)
     err: Sink | None = None if error_sink is None else open_sink(error_sink)
     if resume and isinstance(out, CallableSink | ListSink):

@@ -409,6 +409,14 @@ class _FileSource:
 
     _kind = "file"
 
+    def __new__(cls, path: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """A multi-file source (``_files``) when ``path`` names several files: a list of
+        paths, a directory or a glob pattern."""
+        from . import _files
+
+        many = _files.MANY.get(cls)
+        return object.__new__(many if many and _files.names_many(path) else cls)
+
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str] | None) -> None:
         self._path = Path(os.fspath(path))
         self._columns = _check_columns(columns)
@@ -1130,6 +1138,10 @@ def open_source(obj: Any, *, columns: Sequence[str] | None = None) -> Source:
     if isinstance(obj, Source):
         return obj
     if isinstance(obj, str | os.PathLike):
+        from . import _files
+
+        if _files.names_many(obj):  # a directory or a glob pattern
+            return _files.open_files(obj, _check_columns(columns))
         path = Path(os.fspath(obj))
         make = _SUFFIXES.get(path.suffix.lower())
         if make is None:
