@@ -17,6 +17,7 @@ nox.options.sessions = [
     "conformance",
     "dask",
     "ray",
+    "clients",
     "tests",
 ]
 nox.options.reuse_existing_virtualenvs = True
@@ -36,8 +37,27 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[trio]", *_group("test"))
     # tests/integrations and tests/distributed need heavy extras; each has its own session.
     session.run(
-        "pytest", "--ignore=tests/integrations", "--ignore=tests/distributed", *session.posargs
+        "pytest",
+        "--ignore=tests/integrations",
+        "--ignore=tests/distributed",
+        *(f"--ignore={test}" for test in CLIENT_TESTS),
+        *session.posargs,
     )
+
+
+# TR-13 with the kserve and MLServer clients: both pin protobuf 6 (the gRPC transport's
+# stubs need 7) and MLServer an older FastAPI, so they get a session of their own.
+CLIENT_TESTS = [
+    "tests/transports/test_kserve_client.py",
+    "tests/transports/test_mlserver_codecs.py",
+]
+
+
+@nox.session
+def clients(session: nox.Session) -> None:
+    """TR-13: the kserve and MLServer clients against a real `servekit serve`."""
+    session.install("-e", ".[serve]", "kserve", "mlserver", "pytest", "pytest-timeout", "httpx")
+    session.run("pytest", *CLIENT_TESTS, *session.posargs)
 
 
 @nox.session
@@ -47,6 +67,7 @@ def dask(session: nox.Session) -> None:
     tests = [
         "tests/distributed/test_partitions.py",
         "tests/distributed/test_dask.py",
+        "tests/distributed/test_dask_by_value.py",
         "tests/distributed/test_sql_ranges.py",
     ]
     session.run("pytest", *tests, *session.posargs)
@@ -56,7 +77,11 @@ def dask(session: nox.Session) -> None:
 def ray(session: nox.Session) -> None:
     """RayRunner on a local Ray with 2 CPUs (not in the default run)."""
     session.install("-e", ".[ray,parquet]", *_group("test"))
-    tests = ["tests/distributed/test_partitions.py", "tests/distributed/test_ray.py"]
+    tests = [
+        "tests/distributed/test_partitions.py",
+        "tests/distributed/test_ray.py",
+        "tests/distributed/test_ray_by_value.py",
+    ]
     session.run("pytest", *tests, *session.posargs)
 
 

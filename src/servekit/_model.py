@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -92,7 +93,7 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     if not (inspect.isroutine(fn) or isinstance(fn, type)):
         fn = type(fn).__call__  # a callable object: its __call__ holds the annotations
     try:
-        return get_type_hints(fn, include_extras=True)
+        hints = get_type_hints(fn, include_extras=True)
     except (NameError, TypeError, AttributeError) as exc:
         # Annotations that cannot be resolved (a forward reference to a name that does
         # not exist at run time) leave the model undescribed rather than unusable; say so.
@@ -102,6 +103,31 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
             stacklevel=4,
         )
         return {}
+    _keep_resolved(fn, hints)
+    return hints
+
+
+def _keep_resolved(fn: Callable[..., Any], hints: dict[str, Any]) -> None:
+    """Put the resolved ``hints`` in place of ``fn``'s string annotations.
+
+    Under ``from __future__ import annotations`` every annotation is a string, resolved
+    in the globals of the function's module. A function (or a class's method) that
+    cloudpickle sends by value, as it does for a model defined in ``__main__``, takes
+    along only the globals its code uses, not the names in its annotations; the copy a
+    worker process or cluster node unpickles could not resolve them and would lose its
+    input validation. With the resolved objects in ``__annotations__`` (what
+    ``typing.get_type_hints`` gives, so nothing changes for anyone reading them) the
+    copy carries its types. This runs when the signature is first computed, which a
+    Predictor does when it is made, before the model is pickled anywhere.
+    """
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    annotations = getattr(target, "__annotations__", None)
+    if not isinstance(target, types.FunctionType) or not isinstance(annotations, dict):
+        return
+    if any(isinstance(value, str) for value in annotations.values()):
+        target.__annotations__ = {
+            name: hints.get(name, value) for name, value in annotations.items()
+        }
 
 
 class FunctionModel(Model[Any, Any]):
