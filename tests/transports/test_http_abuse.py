@@ -231,3 +231,30 @@ def _pipelined(port: int, requests: list[bytes], window: int = 50) -> list[int]:
 def _many_inputs(n: int) -> bytes:
     inputs = [{"name": f"x{i}", "shape": [1], "datatype": "FP32", "data": [1.0]} for i in range(n)]
     return json.dumps({"inputs": inputs}).encode()
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/predict", b'{"input": [1.0, 2.0], "timeout_s": %s}'),
+        ("/predict_many", b'{"inputs": [[1.0, 2.0]], "timeout_s": %s}'),
+    ],
+)
+def test_a_timeout_past_a_floats_range_is_400_not_500(
+    server: tuple[str, psutil.Process], route: str, body: bytes
+) -> None:
+    # Found by TR-12's fuzz (tests/fuzz): an integer timeout_s of 511 digits passed the
+    # "number > 0" check, then float() raised OverflowError, answered 500.
+    base, _ = server
+    huge = b"1" * 511  # under Python's 4300-digit limit, which the JSON parser refuses
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(
+            f"{base}{route}", content=body % huge, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 400, answer.text
+        assert "timeout_s" in answer.json()["error"]["message"]
+        # The same request with a timeout a float holds is served.
+        fine = http.post(
+            f"{base}{route}", content=body % b"1e308", headers={"content-type": "application/json"}
+        )
+        assert fine.status_code == 200, fine.text

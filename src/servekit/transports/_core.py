@@ -623,7 +623,10 @@ def _options(body: dict[str, Any]) -> tuple[float | None, int]:
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise _BadRequest("priority must be an integer")
-    return (None if timeout_s is None else float(timeout_s)), priority
+    try:
+        return (None if timeout_s is None else float(timeout_s)), priority
+    except OverflowError:  # an integer past a float's range (found by TR-12's fuzz)
+        raise _BadRequest("timeout_s is too large for a number of seconds") from None
 
 
 def _to_json(value: Any) -> Any:
