@@ -258,3 +258,22 @@ def test_a_timeout_past_a_floats_range_is_400_not_500(
             f"{base}{route}", content=body % b"1e308", headers={"content-type": "application/json"}
         )
         assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize("key", ["timeout", "servekit_timeout_s"])
+def test_an_infer_timeout_past_a_floats_range_is_400_not_500(
+    server: tuple[str, psutil.Process], key: str
+) -> None:
+    # Found by TR-12's fuzz: request.parameters.timeout of 511 digits made float() raise
+    # OverflowError while the parameters were checked, answered 500.
+    base, _ = server
+    tensor = b'{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}'
+    body = b'{"inputs": [%s], "parameters": {"%s": %s}}'
+    url = f"{base}/v2/models/m/infer"
+    headers = {"content-type": "application/json"}
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(url, content=body % (tensor, key.encode(), b"1" * 511), headers=headers)
+        assert answer.status_code == 400, answer.text
+        assert f"parameters.{key}" in answer.json()["error"]
+        fine = http.post(url, content=body % (tensor, key.encode(), b"1e20"), headers=headers)
+        assert fine.status_code == 200, fine.text

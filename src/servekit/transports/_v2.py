@@ -272,7 +272,10 @@ class InferRequest:
 
 def _nonneg_number(value: object) -> float | None:
     if type(value) in (int, float):
-        number = float(value)  # type: ignore[arg-type]
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an integer past a float's range is invalid (TR-12's fuzz)
+            return None
         if math.isfinite(number) and number >= 0:
             return number
     return None
