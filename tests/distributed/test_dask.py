@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -282,3 +283,51 @@ def test_runner_arguments_are_checked(dask_client: Any) -> None:
         DaskRunner(dask_client, partition_rows=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         DaskRunner(dask_client, max_in_flight=True)
+
+
+def _three_files(d: Path) -> Path:
+    """Three Parquet files of 40, 1,700 (in row groups of 300) and 460 rows; ids and
+    ``x`` run on across them (a NaN in the large file fails validation)."""
+    import pyarrow as pa
+
+    d.mkdir()
+    start = 0
+    for name, n in (("a.parquet", 40), ("b.parquet", 1700), ("c.parquet", 460)):
+        ids = np.arange(start, start + n, dtype=np.int64)
+        x = ids.astype(np.float64)
+        if name == "b.parquet":
+            x[100] = np.nan
+        pq.write_table(pa.table({"id": ids * 10, "x": x}), d / name, row_group_size=300)
+        start += n
+    return d
+
+
+def test_a_directory_of_files_is_split_per_file_and_by_row_groups(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    from servekit.batch import ParquetSource
+    from servekit.batch._partitions import plan
+
+    d = _three_files(tmp_path / "in")
+    common: dict[str, Any] = {"key": "id", "columns": "x", "chunk_size": 100, "progress": False}
+    # The plan: a partition at each file's first chunk, the large file cut in ranges.
+    job = type("Job", (), {"source": ParquetSource(d), "chunk_size": 100, "done": frozenset()})
+    _, parts = plan(job, 2, 400)  # type: ignore[arg-type]
+    firsts = [p.first_chunk for p in parts]
+    assert firsts[:2] == [0, 4] and 1740 // 100 in firsts and len(firsts) >= 5
+    local = run_batch(_models.Picky(), d, tmp_path / "local.parquet", **common)
+    report = run_batch(
+        _models.Picky(),
+        str(d / "*.parquet"),
+        tmp_path / "out.parquet",
+        error_sink=tmp_path / "errors.jsonl",
+        runner=DaskRunner(dask_client, partition_rows=400),
+        **common,
+    )
+    _same_report(report, local)
+    out = _table(tmp_path / "out.parquet")
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    written = sorted([*out["id"], *(e["id"] for e in errors)])
+    assert written == [i * 10 for i in range(2200)]  # every row exactly once
+    assert [e["row"] for e in errors] == sorted(e["row"] for e in errors)
+    assert out == _table(tmp_path / "local.parquet")

@@ -174,16 +174,16 @@ def test_a_worker_writes_parts_through_its_own_temporary_file(tmp_path: Path) ->
     import pyarrow.parquet as pq
 
     from servekit.batch import ParquetSink
-    from servekit.batch._partitions import _write_part
+    from servekit.batch._attempts import write_part
 
     sink = ParquetSink(tmp_path / "out.parquet")
     sink.open({"run": 1}, resume=False, overwrite=False)
-    # Another writer of the same chunk (a partition the cluster runs twice) is half-way
-    # through the sink's own temporary name: it must not be renamed into place.
+    # Another writer of the same chunk is half-way through the sink's own temporary
+    # name: it must not be renamed into place.
     theirs = sink.parts_dir / "part-00000000.parquet.tmp"
     theirs.write_bytes(b"half a part")
-    _write_part(sink, 0, {"id": np.arange(3)}, 3)
-    _write_part(sink, 1, {"id": np.arange(0)}, 0)
+    write_part(sink, sink.parts_dir, 0, {"id": np.arange(3)}, 3)
+    write_part(sink, sink.parts_dir, 1, {"id": np.arange(0)}, 0)
     assert theirs.read_bytes() == b"half a part"
     assert pq.read_table(sink.parts_dir / "part-00000000.parquet").num_rows == 3
     assert (sink.parts_dir / "part-00000001.empty").exists()

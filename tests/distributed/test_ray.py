@@ -159,3 +159,27 @@ def test_sql_key_ranges_match_a_local_run(ray_session: Any, tmp_path: Path) -> N
     assert report.rows_read == expected.rows_read == 1500
     assert report.errors == expected.errors and report.rows_failed > 0
     assert out == local
+
+
+def test_a_list_of_csv_files_matches_a_local_run(ray_session: Any, tmp_path: Path) -> None:
+    from servekit.batch import CSVSource
+
+    files = []
+    start = 0
+    for name, n in (("b.csv", 30), ("a.csv", 250), ("c.csv", 95)):
+        lines = [f"{start + i},{start + i}" for i in range(n)]
+        (tmp_path / name).write_text("id,x\n" + "\n".join(lines) + "\n")
+        files.append(tmp_path / name)
+        start += n
+    common: dict[str, Any] = {"key": "id", "columns": "x", "chunk_size": 40, "progress": False}
+    local = run_batch(_models.Picky(), CSVSource(files), tmp_path / "local.jsonl", **common)
+    report = run_batch(
+        _models.Picky(),
+        CSVSource(files),
+        tmp_path / "out.jsonl",
+        runner=RayRunner(partition_rows=80),
+        **common,
+    )
+    assert (report.rows_read, report.rows_failed) == (local.rows_read, local.rows_failed)
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    assert report.rows_read == 375

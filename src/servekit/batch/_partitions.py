@@ -42,7 +42,6 @@ sinks (SQL, lists, callables) get the outputs back on the driver, written in ord
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -50,7 +49,6 @@ import itertools
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,8 +56,9 @@ from typing import Any, BinaryIO
 from .._predictor import Predictor
 from ..backends import Inline
 from ..errors import SourceError
+from ._attempts import Attempt, settle
 from ._runner import _SAMPLE, RunnerJob, _ChunkResult, _Counts, _error_columns, _Run
-from ._sinks import _EMPTY, _check_lengths, _PartFileSink, _publish
+from ._sinks import _PartFileSink
 from ._sources import (
     _UTF8_BOM,
     CSVSource,
@@ -593,12 +592,21 @@ def run_partition(
     else:  # pragma: no cover - plan() never makes such a partition
         raise SourceError("a partition without rows and an input without a reader")
     result = PartitionResult(part.index, [], None if spec.sink is not None else [])
+    # File sinks: the attempt's parts are private until its one commit (see _attempts).
+    attempt = None if spec.sink is None else Attempt(spec.sink, spec.error_sink)
     try:
-        _run_chunks(spec, run, part, chunks, result, report)
+        _run_chunks(spec, run, part, chunks, result, report, attempt)
+    except BaseException:
+        if attempt is not None:
+            attempt.abandon()
+        raise
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+    if attempt is not None:
+        committed: PartitionResult = attempt.commit([s.index for s in result.stats], result)
+        return committed
     return result
 
 
@@ -609,6 +617,7 @@ def _run_chunks(
     chunks: Iterator[Chunk],
     result: PartitionResult,
     report: Callable[[ChunkStat], None] | None,
+    attempt: Attempt | None,
 ) -> None:
     read = failed = 0
     for chunk in chunks:
@@ -628,43 +637,17 @@ def _run_chunks(
             )
             result.unwritten = stat
             break
-        if spec.sink is not None:
+        if attempt is not None:
             if spec.error_sink is not None:
                 errors = _error_columns(out.errors, spec.keys)
-                _write_part(spec.error_sink, chunk.index, errors, len(out.errors))
-            _write_part(spec.sink, chunk.index, out.columns, out.n_rows)
+                attempt.write_errors(chunk.index, errors, len(out.errors))
+            attempt.write(chunk.index, out.columns, out.n_rows)
         else:
             assert result.results is not None
             result.results.append(out)
         result.stats.append(stat)
         if report is not None and spec.sink is not None:
             report(stat)  # (chunks the driver writes are counted when written)
-
-
-def _write_part(sink: Sink, index: int, columns: dict[str, Any], n_rows: int) -> None:
-    """``sink.write_chunk`` of a file sink, through a temporary file of this writer's own.
-
-    A cluster may run a partition twice at once (a worker it thought lost still runs
-    it): with the sink's one ``<part>.tmp`` name, one writer could rename the other's
-    half-written file into place. Each writer's own temporary name keeps every part
-    whole; the last rename wins, and both hold the same rows. Stray ``*.tmp`` files
-    are removed by a resumed run and with the parts directory at ``finish``.
-    """
-    assert isinstance(sink, _PartFileSink)
-    sink._require_open()
-    _check_lengths(columns, n_rows)
-    stem = f"part-{index:08d}"
-    final = sink.parts_dir / f"{stem}.{sink.ext if n_rows else _EMPTY}"
-    other = sink.parts_dir / f"{stem}.{_EMPTY if n_rows else sink.ext}"
-    if other.exists():  # a redone chunk changing kind: never leave both behind
-        with contextlib.suppress(FileNotFoundError):
-            other.unlink()
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
-    if n_rows:
-        sink._write_part(tmp, columns, n_rows)
-    else:
-        tmp.write_bytes(b"")
-    _publish(tmp, final)
 
 
 # -- the driver's side -----------------------------------------------------------------
@@ -748,6 +731,8 @@ class DriverWriter:
         self._held: dict[int, PartitionResult] = {}
         self._next = 0
         self._indices: list[int] = []
+        self._finished: set[int] = set()
+        self._job = job
 
     def expect(self, index: int) -> None:
         """Partition ``index`` was submitted (in submission order)."""
@@ -755,7 +740,11 @@ class DriverWriter:
 
     def finished(self, result: PartitionResult) -> None:
         """Partition ``result.index`` is done: count it, write what can be written in
-        order, or raise BatchFailed for a partition that hit ``max_error_rate``."""
+        order, or raise BatchFailed for a partition that hit ``max_error_rate``. A
+        second result for the same partition (a retried task) is ignored."""
+        if result.index in self._finished:
+            return
+        self._finished.add(result.index)
         if result.results is None:
             for stat in result.stats:
                 self.tally.record(stat)
@@ -771,6 +760,8 @@ class DriverWriter:
                 self.write(Chunk(stat.index, 0, stat.size, {}, []), out)
 
     def close(self) -> None:
-        """Every partition is done: settle the counts of worker-written chunks."""
+        """Every partition is done: settle the counts of worker-written chunks, and
+        publish the error parts of the committed attempts (``_attempts.settle``)."""
         if self.on_workers:
             self.tally.settle()
+            settle(self._job.sink, self._job.error_sink)

@@ -270,6 +270,10 @@ def run_batch(
         done = out.open(manifest, resume=resume, overwrite=overwrite)
         if err is not None:
             err.open({**manifest, "errors": True}, resume=resume, overwrite=overwrite)
+            if resume:
+                from ._attempts import settle
+
+                settle(out, err)  # error parts a cluster run committed but had not settled
         start_chunk = 0
         while start_chunk in done:
             start_chunk += 1

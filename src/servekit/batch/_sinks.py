@@ -12,6 +12,9 @@ File sinks (:class:`JSONLSink`, :class:`CSVSink`, :class:`ParquetSink`)
       same way). ``resume=True`` compares it with the new manifest
       (:class:`~servekit.ResumeMismatch` naming the differing keys), deletes stray
       ``*.tmp`` files and returns the indices whose part or marker exists.
+    * A cluster run's workers commit each partition's parts as one ``c-<first>-<last>/``
+      directory inside the parts directory (read like flat parts); uncommitted attempt
+      directories (``a-*``) are removed by a resumed run (see ``_attempts``).
     * ``finish()`` concatenates the parts in index order into ``<path>.tmp`` next to the
       output, fsyncs it, renames it over ``<path>`` and fsyncs the directory, then
       removes the parts directory: a reader sees no file (or the old one) or the whole
@@ -289,6 +292,8 @@ class _PartFileSink:
             _check_manifest(stored, manifest, str(self.parts_dir))
             for stray in self.parts_dir.glob("*.tmp"):
                 stray.unlink()
+            for attempt in self.parts_dir.glob("a-*"):  # a cluster's uncommitted attempts
+                shutil.rmtree(attempt, ignore_errors=True)
             self._remove_stale_output_tmp()
             self._open = True
             return self._done()
@@ -373,12 +378,22 @@ class _PartFileSink:
             raise RuntimeError(f"{self!r} is not open (call open() first)")
 
     def _parts(self) -> list[tuple[int, Path]]:
-        """Finished parts and markers, in index order."""
+        """Finished parts and markers, in index order: this directory's, then those of
+        the partitions a cluster committed (``c-*`` directories, see ``_attempts``; a
+        chunk in two of them is taken from the first by name)."""
         found: dict[int, Path] = {}
+        committed = []
         for entry in self.parts_dir.iterdir():
             m = _PART_RE.match(entry.name)
             if m and m["ext"] in (self.ext, _EMPTY):
                 found[int(m.group(1))] = entry
+            elif entry.name.startswith("c-") and entry.is_dir():
+                committed.append(entry)
+        for directory in sorted(committed):
+            for entry in directory.iterdir():
+                m = _PART_RE.match(entry.name)
+                if m and m["ext"] in (self.ext, _EMPTY):
+                    found.setdefault(int(m.group(1)), entry)
         return sorted(found.items())
 
     def _done(self) -> set[int]:
