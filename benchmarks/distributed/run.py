@@ -14,19 +14,31 @@ pipeline (which splits by row group) gets as many partitions as servekit does.
    model on the workers is on the clock). Target: >= 1.6x the local rows/s;
 3. hand-written: ``dd.read_parquet(in).map_partitions(score).to_parquet(out)`` on the
    same cluster. Target: servekit's rows/s >= 0.9x of it;
-4. Ray: ``runner=RayRunner()`` on ``ray.init(num_cpus=2)`` (started before the clock;
-   Ray Data starting its actor pool is on the clock, as it is in every real run).
+4. Ray: ``runner=RayRunner()`` on ``ray.init(num_cpus=2)`` (started before the clock,
+   with one warm-up run, as the Dask cluster gets: a Ray session's first dataset also
+   starts Ray Data's own helper actors, once per session). Ray Data starting the run's
+   actor pool is on the clock, as it is in every real run: Ray Data makes a new pool
+   for every dataset, where Dask's workers stay up between runs.
 
-Each figure is the median over TRIALS of a per-trial ratio, the runs of a trial back
-to back in an order that rotates. Run: ``nox -s bench_distributed`` (needs the dask and
-ray extras and dask[dataframe], so it lives in its own directory, which ``nox -s
-bench`` does not run: it runs every benchmarks/*.py, and this one needs the extras).
-About two and a half minutes of CPU on 2 cores; longer on a loaded machine.
+   Ray's fixed cost per run (starting the actors: each imports Ray Data and servekit
+   and loads the model) is measured in each run: the time of the first result (one
+   partition done) less that partition's time at the local rate; the steady ratio is
+   the run's rows/s with that fixed cost taken out.
 
-No ``from __future__ import annotations`` here: the model is defined in ``__main__``,
-so it goes to the workers by value, and string annotations could not be resolved there.
+Each figure is the median over the trials of a per-trial ratio, the runs of a trial
+back to back in an order that rotates. Run: ``nox -s bench_distributed`` (needs the dask
+and ray extras and dask[dataframe], so it lives in its own directory, which ``nox -s
+bench`` does not run: it runs every benchmarks/*.py, and this one needs the extras), or
+``python benchmarks/distributed/run.py [--only dask|ray] [--trials N]``. About two
+minutes on 2 idle cores; longer on a loaded machine.
+
+The model is defined in ``__main__`` (so it goes to the workers by value) in a module
+with postponed annotations: servekit resolves them before pickling.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import shutil
 import sys
@@ -46,9 +58,12 @@ ROWS = 40_000
 WIDTH = 64
 CHUNK = 1024
 ROW_GROUP = 5_000  # 8 row groups: 4 partitions per worker, as DaskRunner makes
+PARTITION_ROWS = 5 * CHUNK  # 40 chunks in 8 partitions, as RayRunner() makes for 2 actors
 TRIALS = 3
-RAY_TRIALS = 2
 TARGET_DASK, TARGET_HAND = 1.6, 0.9
+
+#: A figure's row: label, cells, target (None: for information) and whether it was met.
+Row = tuple[str, tuple[str, ...], "str | None", "bool | None"]
 
 
 def gil_bound(batch: list[Any]) -> list[float]:
@@ -94,10 +109,18 @@ def timed(fn: Any) -> float:
     return float(rows / seconds)
 
 
-def main() -> None:
-    import servekit as sk
-    from servekit.batch import DaskRunner, RayRunner, run_batch
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("dask", "ray"), help="run one runner's part")
+    parser.add_argument("--trials", type=int, default=TRIALS, help="trials per runner")
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    import servekit as sk
+    from servekit.batch import run_batch
+
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         d = Path(tmp)
         src, out = d / "in.parquet", d / "out.parquet"
@@ -113,119 +136,15 @@ def main() -> None:
             )
             return report.rows_succeeded
 
-        from distributed import Client, LocalCluster
-
-        dask_ratios: list[float] = []
-        hand_ratios: list[float] = []
-        rates_by: dict[str, list[float]] = {"local": [], "dask": [], "hand": [], "ray": []}
-        with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=40,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            runner = DaskRunner(client)
-
-            def dask() -> int:
-                clear(out)
-                report = run_batch(
-                    gil_bound,
-                    src,
-                    out,
-                    key="id",
-                    columns="x",
-                    chunk_size=CHUNK,
-                    progress=False,
-                    runner=runner,
-                )
-                return report.rows_succeeded
-
-            def hand() -> int:
-                import dask.dataframe as dd
-                import pandas as pd
-
-                def score(df: Any) -> Any:
-                    return pd.DataFrame(
-                        {"id": df["id"].to_numpy(), "prediction": gil_bound(list(df["x"]))}
-                    )
-
-                clear(out)
-                frame = dd.read_parquet(src, split_row_groups=True)
-                meta = pd.DataFrame({"id": np.array([], np.int64), "prediction": np.array([])})
-                frame.map_partitions(score, meta=meta).to_parquet(out, write_index=False)
-                return int(dd.read_parquet(out).shape[0].compute())
-
-            dask(), hand()  # warm-up: the workers import servekit, pyarrow, pandas
-            for trial in range(TRIALS):
-                runs = [("local", local), ("dask", dask), ("hand", hand)]
-                runs = runs[trial % 3 :] + runs[: trial % 3]
-                got = {name: timed(fn) for name, fn in runs}
-                for name, rate in got.items():
-                    rates_by[name].append(rate)
-                dask_ratios.append(got["dask"] / got["local"])
-                hand_ratios.append(got["dask"] / got["hand"])
-
-        import ray
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ray.init(
-                num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-            )
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            ray_runner = RayRunner()
-            ray_ratios = []
-
-            def on_ray() -> int:
-                clear(out)
-                report = run_batch(
-                    gil_bound,
-                    src,
-                    out,
-                    key="id",
-                    columns="x",
-                    chunk_size=CHUNK,
-                    progress=False,
-                    runner=ray_runner,
-                )
-                return report.rows_succeeded
-
-            tiny = d / "tiny.parquet"
-            make_input(tiny, CHUNK)
-            ray_fixed: list[float] = []
-            steady_ratios: list[float] = []
-            for trial in range(RAY_TRIALS):
-                runs = [("local", local), ("ray", on_ray)]
-                if trial % 2:
-                    runs.reverse()
-                got = {name: timed(fn) for name, fn in runs}
-                rates_by["local"].append(got["local"])
-                rates_by["ray"].append(got["ray"])
-                ray_ratios.append(got["ray"] / got["local"])
-                # The fixed cost of a run (Ray Data starting its actor pool, each actor
-                # importing servekit and loading the model): a run over one chunk.
-                t = time.perf_counter()
-                clear(out)
-                run_batch(
-                    gil_bound,
-                    tiny,
-                    out,
-                    key="id",
-                    columns="x",
-                    chunk_size=CHUNK,
-                    progress=False,
-                    runner=ray_runner,
-                )
-                fixed = time.perf_counter() - t
-                ray_fixed.append(fixed)
-                steady = ROWS / (ROWS / got["ray"] - fixed)
-                steady_ratios.append(steady / got["local"])
-            ray.shutdown()
-        local_predictor.close()
+        rates: dict[str, list[float]] = {"local": [], "dask": [], "hand": [], "ray": []}
+        figures: list[Row] = []
+        try:
+            if args.only in (None, "dask"):
+                figures += bench_dask(rates, local, src, out, args.trials)
+            if args.only in (None, "ray"):
+                figures += bench_ray(rates, local, d, src, out, args.trials)
+        finally:
+            local_predictor.close()
 
     table = Table("batch on a cluster")
     for name, label in (
@@ -234,49 +153,177 @@ def main() -> None:
         ("hand", "hand-written dask.dataframe rows/s"),
         ("ray", "RayRunner rows/s"),
     ):
-        table.row(label, f"{median(rates_by[name]):,.0f}")
-
-    def trials(values: list[float]) -> str:
-        return f"(trials {', '.join(f'{v:.2f}' for v in values)})"
-
-    dask_ratio, hand_ratio, ray_ratio = median(dask_ratios), median(hand_ratios), median(ray_ratios)
-    table.row(
-        "DaskRunner ÷ local",
-        f"{dask_ratio:.2f}",
-        trials(dask_ratios),
-        target=f">= {TARGET_DASK}",
-        met=dask_ratio >= TARGET_DASK,
-    )
-    table.row(
-        "DaskRunner ÷ hand-written",
-        f"{hand_ratio:.2f}",
-        trials(hand_ratios),
-        target=f">= {TARGET_HAND}",
-        met=hand_ratio >= TARGET_HAND,
-    )
-    table.row(
-        "RayRunner ÷ local",
-        f"{ray_ratio:.2f}",
-        trials(ray_ratios),
-        target=f">= {TARGET_DASK}",
-        met=ray_ratio >= TARGET_DASK,
-    )
-    steady_ratio = median(steady_ratios)
-    table.row(
-        "RayRunner ÷ local, less its fixed start",
-        f"{steady_ratio:.2f}",
-        f"(fixed start {median(ray_fixed):.1f} s; trials "
-        f"{', '.join(f'{v:.2f}' for v in steady_ratios)})",
-    )
+        if rates[name]:
+            table.row(label, f"{median(rates[name]):,.0f}")
+    for label, cells, target, met in figures:
+        table.row(label, *cells, target=target, met=met)
     table.print(
         describe_run(
-            TRIALS,
+            args.trials,
             f"{ROWS:,} rows x float32[{WIDTH}] Parquet ({ROWS // ROW_GROUP} row groups), "
             f"GIL-bound model, chunks of {CHUNK}; 2 worker processes / 2 Ray CPUs; "
-            f"{TRIALS} Dask trials, {RAY_TRIALS} Ray trials; "
-            f"{os.environ.get('OPENBLAS_NUM_THREADS')} BLAS thread",
+            f"{os.environ.get('OPENBLAS_NUM_THREADS')} BLAS thread; load average "
+            f"{os.getloadavg()[0]:.1f} at the end",
         )
     )
+
+
+def trials_text(values: list[float]) -> str:
+    return f"(trials {', '.join(f'{v:.2f}' for v in values)})"
+
+
+def bench_dask(
+    rates: dict[str, list[float]], local: Any, src: Path, out: Path, trials: int
+) -> list[Row]:
+    """DaskRunner and the hand-written pipeline against local runs: the figures' rows."""
+    from distributed import Client, LocalCluster
+    from servekit.batch import DaskRunner, run_batch
+
+    dask_ratios: list[float] = []
+    hand_ratios: list[float] = []
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        runner = DaskRunner(client)
+
+        def dask() -> int:
+            clear(out)
+            report = run_batch(
+                gil_bound,
+                src,
+                out,
+                key="id",
+                columns="x",
+                chunk_size=CHUNK,
+                progress=False,
+                runner=runner,
+            )
+            return report.rows_succeeded
+
+        def hand() -> int:
+            import dask.dataframe as dd
+            import pandas as pd
+
+            def score(df: Any) -> Any:
+                return pd.DataFrame(
+                    {"id": df["id"].to_numpy(), "prediction": gil_bound(list(df["x"]))}
+                )
+
+            clear(out)
+            frame = dd.read_parquet(src, split_row_groups=True)
+            meta = pd.DataFrame({"id": np.array([], np.int64), "prediction": np.array([])})
+            frame.map_partitions(score, meta=meta).to_parquet(out, write_index=False)
+            return int(dd.read_parquet(out).shape[0].compute())
+
+        dask(), hand()  # warm-up: the workers import servekit, pyarrow, pandas
+        for trial in range(trials):
+            runs = [("local", local), ("dask", dask), ("hand", hand)]
+            runs = runs[trial % 3 :] + runs[: trial % 3]
+            got = {name: timed(fn) for name, fn in runs}
+            for name, rate in got.items():
+                rates[name].append(rate)
+            dask_ratios.append(got["dask"] / got["local"])
+            hand_ratios.append(got["dask"] / got["hand"])
+    dask_ratio, hand_ratio = median(dask_ratios), median(hand_ratios)
+    return [
+        (
+            "DaskRunner ÷ local",
+            (f"{dask_ratio:.2f}", trials_text(dask_ratios)),
+            f">= {TARGET_DASK}",
+            dask_ratio >= TARGET_DASK,
+        ),
+        (
+            "DaskRunner ÷ hand-written",
+            (f"{hand_ratio:.2f}", trials_text(hand_ratios)),
+            f">= {TARGET_HAND}",
+            hand_ratio >= TARGET_HAND,
+        ),
+    ]
+
+
+def bench_ray(
+    rates: dict[str, list[float]], local: Any, d: Path, src: Path, out: Path, trials: int
+) -> list[Row]:
+    """RayRunner against local runs, and Ray's fixed cost per run: the figures' rows."""
+    import ray
+
+    from servekit.batch import BatchProgress, RayRunner, run_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # The plan RayRunner() makes here (4 partitions per actor), said explicitly so
+        # that the first result is known to hold one partition's rows.
+        runner = RayRunner(partition_rows=PARTITION_ROWS)
+        seen: list[BatchProgress] = []
+
+        def on_ray(path: Path = src) -> int:
+            clear(out)
+            seen.clear()
+            report = run_batch(
+                gil_bound,
+                path,
+                out,
+                key="id",
+                columns="x",
+                chunk_size=CHUNK,
+                progress=seen.append,
+                runner=runner,
+            )
+            return report.rows_succeeded
+
+        tiny = d / "tiny.parquet"
+        make_input(tiny, 2 * CHUNK)
+        t = time.perf_counter()
+        on_ray(tiny)  # warm-up: the session's first dataset starts Ray Data's helpers
+        first_run = time.perf_counter() - t
+        ratios: list[float] = []
+        fixed: list[float] = []
+        steady: list[float] = []
+        for trial in range(trials):
+            runs = [("local", local), ("ray", on_ray)]
+            if trial % 2:
+                runs.reverse()
+            got = {name: timed(fn) for name, fn in runs}
+            rates["local"].append(got["local"])
+            rates["ray"].append(got["ray"])
+            ratios.append(got["ray"] / got["local"])
+            # The fixed cost of this run: the first result came when one actor had
+            # started and predicted one partition (at about the local rate).
+            first = next(p.elapsed_s for p in seen if p.rows_read)
+            cost = first - PARTITION_ROWS / got["local"]
+            fixed.append(cost)
+            steady.append(ROWS / (ROWS / got["ray"] - cost) / got["local"])
+        ray.shutdown()
+    return [
+        ("RayRunner ÷ local", (f"{median(ratios):.2f}", trials_text(ratios)), None, None),
+        (
+            "RayRunner ÷ local, less its fixed cost per run",
+            (f"{median(steady):.2f}", trials_text(steady)),
+            None,
+            None,
+        ),
+        (
+            "RayRunner fixed cost per run (actor start)",
+            (f"{median(fixed):.2f} s", f"(trials {', '.join(f'{v:.2f}' for v in fixed)})"),
+            None,
+            None,
+        ),
+        (
+            "RayRunner first run of a Ray session",
+            (f"{first_run:.2f} s", "(2 chunks; Ray Data starts its helper actors once)"),
+            None,
+            None,
+        ),
+    ]
 
 
 if __name__ == "__main__":

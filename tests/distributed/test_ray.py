@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,42 @@ def test_a_list_of_csv_files_matches_a_local_run(ray_session: Any, tmp_path: Pat
     assert (report.rows_read, report.rows_failed) == (local.rows_read, local.rows_failed)
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
     assert report.rows_read == 375
+
+
+class _Closing(_models.Picky):
+    """Picky that notes every close() as a file named by the process id."""
+
+    def __init__(self, loads_dir: str, closes_dir: str) -> None:
+        super().__init__(loads_dir)
+        self.closes_dir = closes_dir
+
+    def close(self) -> None:
+        Path(self.closes_dir, str(os.getpid())).touch()
+
+
+def test_each_actor_closes_its_model_when_the_pool_ends(ray_session: Any, tmp_path: Path) -> None:
+    import time
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import it
+    loads, closes = tmp_path / "loads", tmp_path / "closes"
+    loads.mkdir()
+    closes.mkdir()
+    out: list[dict[str, Any]] = []
+    report = run_batch(
+        _Closing(str(loads), str(closes)),
+        list(range(400)),
+        out,
+        chunk_size=20,
+        progress=False,
+        runner=RayRunner(actors=2, partition_rows=40),
+    )
+    loaded = set(_models.loads(loads))
+    assert len(loaded) == 2 and report.rows_read == 400
+    # Ray Data ends its actors once the dataset is consumed, each actor after its
+    # last task: wait for both (bounded), then every loaded model was closed once.
+    deadline = time.monotonic() + 60
+    while len(list(closes.iterdir())) < len(loaded) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {int(p.name) for p in closes.iterdir()} == loaded

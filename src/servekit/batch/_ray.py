@@ -6,8 +6,20 @@ of a callable class: each actor unpickles and loads the model once, in its const
 and keeps it for every partition it is given. A partition's result (its chunk counts
 and row errors, or its outputs for sinks the driver writes) comes back as one row;
 the driver turns each into counts and progress, so on Ray progress moves a partition
-at a time. Ray retries the task of an actor that died on another actor; it rewrites
-the same parts, each atomically.
+at a time. Ray retries the task of an actor that died on another actor; the retry's
+parts are committed once, as on Dask (``_attempts``).
+
+The read is fused with the model: a Parquet, CSV or JSON Lines partition is read by
+the actor that predicts it (the dataset holds only the partitions' descriptions), and
+file outputs are written by the actors, so only counts and row errors come back.
+Each actor is given one partition at a time (``max_tasks_in_flight_per_actor=1``):
+partitions are coarse (seconds each), so a second one queued on a busy actor would
+only wait there while another actor may sit idle at the end of the run.
+
+What Ray costs: Ray Data starts a new pool of actors for every dataset, so every run
+pays for its actors' start (a process each, importing Ray Data and servekit and
+loading the model: about a second of CPU per actor); a Ray session's first dataset
+also starts Ray Data's own helper actors. See "When Ray pays off" in the guide.
 
 ``ray`` is imported only here, when a run starts.
 """
@@ -116,7 +128,9 @@ class RayRunner:
                 "spec": cloudpickle.dumps(spec),
             },
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(size, len(parts))),
+            compute=ray.data.ActorPoolStrategy(
+                size=min(size, len(parts)), max_tasks_in_flight_per_actor=1
+            ),
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
         )
@@ -146,8 +160,13 @@ class _Worker:
         return {"result": out}
 
     def __del__(self) -> None:
-        # Ray Data's one teardown hook for a callable class: it drops the instance when
-        # the actor exits gracefully. The model's close() runs here.
+        # The model's close() runs here. As of Ray 2.60 this is the one teardown hook
+        # Ray Data gives a callable class: Ray Core calls ``__ray_shutdown__`` on an
+        # actor's class when the actor exits gracefully, but the actor class is Ray
+        # Data's own wrapper (``_MapWorker``), whose ``__ray_shutdown__`` drops its
+        # reference to this instance so that ``__del__`` runs; a method of ours by
+        # that name would never be called, and Ray Data documents no close/teardown
+        # method for the callable class. Not called when an actor is killed or dies.
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
