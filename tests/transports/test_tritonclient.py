@@ -8,31 +8,14 @@ output is bit-identical to its input (same dtype, shape and bytes).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from _serve_proc import serve
 
 pytest.importorskip("uvicorn")
-
-_APP = textwrap.dedent(
-    """
-    import servekit as sk
-
-    def identity(batch):
-        return batch
-
-    predictor = sk.Predictor(identity, name="echo", validate=False)
-    """
-)
 
 TENSORS: dict[str, np.ndarray] = {
     "FP32": np.array([[0.1, -3.5, 1e-30], [3.4e38, -0.0, 7.0]], dtype=np.float32),
@@ -43,38 +26,10 @@ TENSORS: dict[str, np.ndarray] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("triton")
-    (root / "tr13_app.py").write_text(_APP)
-    port = _free_port()
-    command = [sys.executable, "-m", "servekit", "serve", "tr13_app:predictor"]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port), "--log-level", "warning"],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with serve(tmp_path_factory.mktemp("triton")) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_the_client_sees_a_live_ready_server_and_the_model(url: str) -> None:
