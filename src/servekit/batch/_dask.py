@@ -7,8 +7,9 @@ its tasks needs it and keeps it until the run ends, when unregistering the plugi
 it (a worker that joins mid-run, such as the replacement of a killed one, gets the
 plugin too). Workers report each chunk they write as a Dask event; the driver turns
 those into the run's progress and, when partitions finish, into its counts. A task
-whose worker dies is run again by the scheduler on another worker: it rewrites the same
-parts, each atomically, so the output still holds every row once.
+whose worker dies is run again by the scheduler on another worker: each run of a
+partition writes its parts privately and commits them with one rename that the first
+finisher wins (``_attempts``), so the output still holds every row once.
 
 ``distributed`` is imported only here, when a DaskRunner is made.
 """

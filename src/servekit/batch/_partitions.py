@@ -5,8 +5,8 @@ Shared by :class:`~servekit.batch.DaskRunner` and :class:`~servekit.batch.RayRun
 The unit of work is the **partition**, a range of consecutive chunks; the unit of the
 checkpoint stays the **chunk** (``chunk_size`` rows, numbered as in a local run), so a
 resumed run redoes only the chunks no partition wrote, and a partition that is run
-twice (its worker died, the cluster retried it) writes the same parts again: each part
-replaces itself atomically, and the output holds every row exactly once.
+twice (its worker died, the cluster retried it) commits its parts once: the first
+attempt to finish wins (``_attempts``), and the output holds every row exactly once.
 
 How an input is split (``plan``):
 

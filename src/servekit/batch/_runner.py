@@ -179,8 +179,9 @@ def run_batch(
 
     ``predictor`` is a :class:`~servekit.Predictor` (used as is; the host owns it) or
     anything a Predictor accepts (a Model or a batch function; made and closed here).
-    ``source`` is a path (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``), a numpy array,
-    a pandas DataFrame, an iterable, or a :class:`Source` such as
+    ``source`` is a path (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``), a directory or
+    glob pattern of such files (read as one input), a numpy array, a pandas DataFrame,
+    an iterable, or a :class:`Source` such as
     :class:`SQLSource`. ``sink`` is a path (``.jsonl``, ``.csv``, ``.parquet``), a
     list, a callable, or a :class:`Sink` such as :class:`SQLSink`.
 

@@ -472,7 +472,8 @@ class CSVSource(_FileSource):
         delimiter: str = ",",
         encoding: str = "utf-8",
     ) -> None:
-        """Read ``path``; ``columns`` selects (and orders) the header's columns."""
+        """Read ``path`` (or several files: a list, a directory, a glob pattern, read as
+        one input); ``columns`` selects (and orders) the header's columns."""
         super().__init__(path, columns)
         try:
             codec = codecs.lookup(encoding).name
@@ -607,7 +608,8 @@ class JSONLSource(_FileSource):
     def __init__(
         self, path: str | os.PathLike[str], *, columns: Sequence[str] | None = None
     ) -> None:
-        """Read ``path``; ``columns`` selects (and orders) the keys read from each object."""
+        """Read ``path`` (or several files: a list, a directory, a glob pattern, read as
+        one input); ``columns`` selects (and orders) the keys read from each object."""
         super().__init__(path, columns)
 
     def describe(self) -> dict[str, Any]:
@@ -726,7 +728,8 @@ class ParquetSource(_FileSource):
     def __init__(
         self, path: str | os.PathLike[str], *, columns: Sequence[str] | None = None
     ) -> None:
-        """Read ``path``; ``columns`` selects (and orders) the columns read."""
+        """Read ``path`` (or several files: a list, a directory, a glob pattern, read as
+        one input); ``columns`` selects (and orders) the columns read."""
         super().__init__(path, columns)
 
     def _file(self) -> Any:
