@@ -18,6 +18,7 @@ nox.options.sessions = [
     "dask",
     "ray",
     "clients",
+    "fuzz",
     "tests",
 ]
 nox.options.reuse_existing_virtualenvs = True
