@@ -46,6 +46,9 @@ import pytest
 bf = pytest.importorskip("boofuzz", reason="TR-12 needs boofuzz (nox -s fuzz installs it)")
 pytest.importorskip("uvicorn")
 
+# boofuzz 0.4 stamps its results with datetime.utcnow(), deprecated from Python 3.12.
+pytestmark = pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning")
+
 MAX_S = float(os.environ.get("SERVEKIT_FUZZ_MAX_S", "150"))
 SAMPLE = int(os.environ.get("SERVEKIT_FUZZ_SAMPLE", "250"))
 SEED = int(os.environ.get("SERVEKIT_FUZZ_SEED", "12"))
