@@ -35,7 +35,7 @@ import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -339,6 +339,10 @@ FAMILIES: dict[str, FamilySpec] = {
               "Run time of one job attempt on this process's runners."),
         _spec("servekit_webhook_deliveries", "counter", ("model", "outcome"), "{delivery}",
               "Webhook delivery attempts by outcome."),
+        _spec("servekit_http_requests", "counter", ("route", "method", "status"), "{request}",
+              "HTTP requests answered, by route name (unmatched: no route), method, status."),
+        _spec("servekit_http_request_duration_seconds", "histogram", ("route",), "s",
+              "Time from an HTTP request's arrival to its answer, by route name."),
     )
 }  # fmt: skip
 
@@ -416,6 +420,7 @@ class _Sources:
     predictors: dict[str, Any]
     queues: list[tuple[str | None, Any]]  # (model label, or None for the queue's own)
     ready: Callable[[], bool] | None = None
+    http: list[Any] = field(default_factory=list)  # a Service's HTTPStatistics
 
 
 def _resolve(source: Any, into: _Sources | None = None) -> _Sources:
@@ -438,6 +443,9 @@ def _resolve(source: Any, into: _Sources | None = None) -> _Sources:
             queues = {} if source.jobs is None else {None: source.jobs}
         out.queues.extend(queues.items())
         out.ready = source.ready
+        http = getattr(source, "http", None)
+        if http is not None and all(h is not http for h in out.http):
+            out.http.append(http)
     elif isinstance(source, Mapping):
         # Names to predictors, or model names to job queues (one queue per model).
         for name, item in source.items():
@@ -462,8 +470,9 @@ def collect(source: Any, *, ready: bool | None = None, jobs: Any = None) -> list
     """The metric families of ``source`` now: a :class:`~servekit.Predictor`, a mapping
     of names to predictors, a :class:`~servekit.jobs.JobQueue`, a mapping of model
     names to job queues, a transports ``Service`` or app (its predictors, its job
-    queues and its readiness), or a list of those. ``ready`` sets ``servekit_ready`` (a
-    Service's own readiness otherwise); ``jobs`` adds job queues (a queue or a mapping).
+    queues, its readiness and its HTTP counts), or a list of those. ``ready`` sets
+    ``servekit_ready`` (a Service's own readiness otherwise); ``jobs`` adds job queues
+    (a queue or a mapping).
     The ``model`` label of a job queue's series is its key in a mapping, else the name
     of its predictor. Families without series are left out."""
     sources = _resolve(source)
@@ -515,7 +524,28 @@ def _collect(sources: _Sources, ready: bool | None = None) -> list[MetricFamily]
             for outcome in _DELIVERY_OUTCOMES:
                 b.add("servekit_webhook_deliveries", q.webhooks.get(outcome, 0), model=name,
                       outcome=outcome)  # fmt: skip
+    _collect_http(b, sources.http)
     return b.families()
+
+
+def _collect_http(b: _Builder, recorders: list[Any]) -> None:
+    """The HTTP families, summed over the services' recorders (one, nearly always)."""
+    requests: dict[tuple[str, str, str], int] = {}
+    durations: dict[str, HistogramSnapshot] = {}
+    for recorder in recorders:
+        snapshot = recorder.snapshot()
+        for key, n in snapshot.requests.items():
+            requests[key] = requests.get(key, 0) + n
+        for route, h in snapshot.durations.items():
+            seen = durations.get(route)
+            if seen is not None:
+                counts = tuple(x + y for x, y in zip(seen.counts, h.counts, strict=True))
+                h = HistogramSnapshot(h.bounds, counts, seen.count + h.count, seen.sum + h.sum)
+            durations[route] = h
+    for (route, method, status), n in sorted(requests.items()):
+        b.add("servekit_http_requests", n, route=route, method=method, status=status)
+    for route, h in sorted(durations.items()):
+        b.histogram("servekit_http_request_duration_seconds", h, route=route)
 
 
 # --- the Prometheus text format --------------------------------------------------------

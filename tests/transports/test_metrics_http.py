@@ -115,6 +115,15 @@ async def test_metrics_after_predictions_errors_rejections_and_jobs() -> None:
     theirs = series(from_registry)
     clocked = ("servekit_batcher_utilisation_ratio", (("model", "busy"),))
     assert 0 < found.pop(clocked) <= 1 and 0 < theirs.pop(clocked) <= 1
+    # The registry was read after the scrape was answered: it has that request more.
+    scrape = (
+        "servekit_http_requests_total",
+        (("method", "GET"), ("route", "metrics"), ("status", "200")),
+    )
+    assert theirs.pop(scrape) == 1 and scrape not in found
+    for key in [k for k in theirs if ("route", "metrics") in k[1]]:
+        assert key[0].startswith("servekit_http_request_duration_seconds")
+        del theirs[key]
     assert theirs == found
 
 
@@ -170,3 +179,175 @@ async def test_one_job_queue_per_model_is_labelled_by_its_model() -> None:
     assert get(found, "servekit_jobs_finished_total", model="a", status="failed") == 1
     assert get(found, "servekit_jobs_finished_total", model="b", status="succeeded") == 1
     assert get(found, "servekit_jobs", model="b", status="succeeded") == 1
+
+
+# --- HTTP families: servekit_http_requests_total, servekit_http_request_duration_seconds
+
+
+def http_requests(found: dict[Any, float]) -> dict[tuple[str, str, str], float]:
+    """The servekit_http_requests_total series as {(route, method, status): count}."""
+    out = {}
+    for (name, labels), value in found.items():
+        if name == "servekit_http_requests_total":
+            d = dict(labels)
+            out[(d["route"], d["method"], d["status"])] = value
+    return out
+
+
+def check_http_families(found: dict[Any, float], expected: dict[tuple[str, str, str], int]) -> None:
+    assert http_requests(found) == expected
+    for route in {r for r, _, _ in expected}:
+        count = sum(n for (r, _, _), n in expected.items() if r == route)
+        labels = {"route": route}
+        assert get(found, "servekit_http_request_duration_seconds_count", **labels) == count
+        assert get(found, "servekit_http_request_duration_seconds_bucket", le="+Inf", **labels) == (
+            count
+        )
+        assert get(found, "servekit_http_request_duration_seconds_sum", **labels) > 0
+
+
+def mixed_service() -> tuple[sk.Predictor[Any, Any], sk.Predictor[Any, Any]]:
+    plain = sk.Predictor(picky, name="plain")
+    batcher = sk.Batcher(max_batch_size=4, max_queue=8)
+    busy = sk.Predictor(slow_batch, name="busy", backend=sk.Threads(1), batcher=batcher)
+    return plain, busy
+
+
+# (method, path, body or None, the status it must get, its route label)
+FIXED = [
+    ("POST", "/models/plain/predict", {"input": 1}, 200, "predict"),
+    ("POST", "/models/plain/predict", {"input": 2}, 200, "predict"),
+    ("POST", "/models/plain/predict_many", {"inputs": [1, 13]}, 200, "predict_many"),
+    ("POST", "/models/plain/predict", {"input": "not a number"}, 422, "predict"),
+    ("POST", "/v2/models/plain/infer", {"inputs": []}, 400, "infer"),
+    ("GET", "/no/such/path", None, 404, "unmatched"),
+    ("GET", "/v2/models/ghost", None, 404, "model_metadata"),  # a route, no such model
+    ("GET", "/models/plain/predict", None, 405, "predict"),
+    ("BREW", "/v2/health/live", None, 405, "live"),  # counted as method "other"
+    ("GET", "/v2/health/ready", None, 200, "ready"),
+    ("DELETE", "/metrics", None, 405, "metrics"),
+]
+
+
+def expected_counts(statuses: list[int]) -> dict[tuple[str, str, str], int]:
+    expected: dict[tuple[str, str, str], int] = {}
+    for method, _, _, status, route in FIXED:
+        key = (route, method if method != "BREW" else "other", str(status))
+        expected[key] = expected.get(key, 0) + 1
+    for status in statuses:  # the flood of /models/busy/predict
+        key = ("predict", "POST", str(status))
+        expected[key] = expected.get(key, 0) + 1
+    return expected
+
+
+@pytest.mark.anyio
+async def test_asgi_counts_http_requests_by_route_method_and_status() -> None:
+    plain, busy = mixed_service()
+    app = create_asgi_app({"plain": plain, "busy": busy})
+    statuses: list[int] = []
+    await app.startup()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30
+        ) as http:
+            for method, path, body, status, _ in FIXED:
+                r = await http.request(method, path, json=body)
+                assert r.status_code == status, (method, path, r.text)
+
+            async def one(x: int) -> None:
+                r = await http.post("/models/busy/predict", json={"input": x, "timeout_s": 20})
+                statuses.append(r.status_code)
+
+            async with anyio.create_task_group() as group:
+                for x in range(40):  # far more at once than the queue holds
+                    group.start_soon(one, x)
+            text = (await http.get("/metrics")).text
+            again = series((await http.get("/metrics")).text)
+    finally:
+        await app.shutdown()
+    assert set(statuses) == {200, 429}
+    expected = expected_counts(statuses)
+    check_http_families(series(text), expected)
+    # The scrape is counted once it is answered: the next scrape shows it.
+    assert http_requests(again) == {**expected, ("metrics", "GET", "200"): 1}
+
+
+def test_wsgi_counts_http_requests_by_route_method_and_status() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain, busy = mixed_service()
+    app = create_wsgi_app({"plain": plain, "busy": busy})
+    app.start()
+    try:
+        with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+            for method, path, body, status, _ in FIXED:
+                r = http.request(method, path, json=body)
+                assert r.status_code == status, (method, path, r.text)
+
+            def one(x: int) -> int:
+                r = http.post("/models/busy/predict", json={"input": x, "timeout_s": 20})
+                return r.status_code
+
+            with ThreadPoolExecutor(32) as pool:  # request threads, as a WSGI server's
+                statuses = list(pool.map(one, range(40)))
+            found = series(http.get("/metrics").text)
+    finally:
+        app.close()
+    assert set(statuses) == {200, 429}
+    check_http_families(found, expected_counts(statuses))
+
+
+@pytest.mark.anyio
+async def test_the_fastapi_router_counts_the_requests_it_routes() -> None:
+    from fastapi import FastAPI
+
+    from servekit.transports.fastapi import create_router
+
+    plain = sk.Predictor(picky, name="plain")
+    host = FastAPI()
+    host.include_router(create_router({"plain": plain}), prefix="/ml")
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=host), base_url="http://t", timeout=30
+        ) as http:
+            assert (await http.post("/ml/models/plain/predict", json={"input": 1})).is_success
+            assert (
+                await http.post("/ml/models/plain/predict", json={"input": "x"})
+            ).status_code == (422)
+            assert (await http.get("/ml/v2/models/plain")).status_code == 200
+            assert (await http.get("/elsewhere")).status_code == 404  # the host's, not ours
+            found = series((await http.get("/ml/metrics")).text)
+    finally:
+        plain.close()
+    assert http_requests(found) == {
+        ("predict", "POST", "200"): 1,
+        ("predict", "POST", "422"): 1,
+        ("model_metadata", "GET", "200"): 1,
+    }
+
+
+def test_route_labels_stay_bounded_and_two_services_add_up() -> None:
+    from servekit.metrics import collect, render_text
+    from servekit.transports._core import route_name
+
+    apps = [create_wsgi_app(sk.Predictor(picky, name=f"m{i}")) for i in range(2)]
+    paths = [f"/random/{i}" for i in range(50)] + ["/v2/models/m0/infer/extra"]
+    with httpx.Client(transport=httpx.WSGITransport(app=apps[0]), base_url="http://t") as http:
+        for path in paths:
+            assert http.get(path).status_code == 404
+        assert http.request("PROPFIND", "/predict").status_code == 405
+    with httpx.Client(transport=httpx.WSGITransport(app=apps[1]), base_url="http://t") as http:
+        assert http.get("/nothing").status_code == 404
+    for app in apps:
+        app.close()
+    found = series(render_text(collect(apps)))
+    assert http_requests(found) == {
+        ("unmatched", "GET", "404"): len(paths) + 1,
+        ("predict", "other", "405"): 1,
+    }
+    service = apps[0].service
+    assert route_name(service.match("GET", "/v2/health/live"), "/v2/health/live") == "live"
+    assert route_name(service.match("PUT", "/v2/models/m0/"), "/v2/models/m0/") == (
+        "model_metadata"
+    )
+    assert route_name(service.match("GET", "/x"), "/x") == "unmatched"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -27,7 +28,7 @@ import anyio.to_thread
 
 from .._predictor import Predictor
 from . import _v2
-from ._core import Call, HTTPRequest, HTTPResponse, Service
+from ._core import Call, HTTPRequest, HTTPResponse, Service, route_name
 
 __all__ = ["ASGIApp", "create_asgi_app"]
 
@@ -115,6 +116,7 @@ class ASGIApp:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
         service = self.service
         method, path = scope["method"], scope["path"]
         root = scope.get("root_path", "")
@@ -123,33 +125,37 @@ class ASGIApp:
             # below the mount point.
             path = path[len(root) :] or "/"
         matched = service.match(method, path)
+        response: HTTPResponse | None
         if isinstance(matched, HTTPResponse):
-            await _send(send, matched, method)
-            return
+            response = matched
+        else:
+            response = await self._answer(scope, receive, method, path, matched)
+        # A client that went away before its answer is counted as nginx logs it: 499.
+        status = 499 if response is None else response.status
+        service.http.record(route_name(matched, path), method, status, time.perf_counter() - start)
+        if response is not None:
+            await _send(send, response, method)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, method: str, path: str, matched: Any
+    ) -> HTTPResponse | None:
+        """The response to a routed request; None if the client disconnected."""
+        service = self.service
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit = service.limits.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and not declared.isdigit():
-            bad = service.reject(path, 400, "bad_request", "content-length is not a number")
-            await _send(send, bad, method)
-            return
+            return service.reject(path, 400, "bad_request", "content-length is not a number")
         if declared is not None and int(declared) > limit:
-            await _send(send, _too_large(service, path, limit), method)
-            return
+            return _too_large(service, path, limit)
         body = await _read_body(receive, limit, service, path)
-        if body is None:  # disconnected while sending the body
-            return
-        if isinstance(body, HTTPResponse):
-            await _send(send, body, method)
-            return
+        if body is None or isinstance(body, HTTPResponse):  # disconnected, or too large
+            return body
         request = HTTPRequest(method, path, headers, body, scope.get("query_string", b"").decode())
         prepared = service.prepare(request, matched)
         if isinstance(prepared, HTTPResponse):
-            await _send(send, prepared, method)
-            return
-        response = await _run(prepared, receive)
-        if response is not None:
-            await _send(send, response, method)
+            return prepared
+        return await _run(prepared, receive)
 
 
 async def _read_body(

@@ -41,6 +41,7 @@ from .._predictor import Predictor
 from ..backends import Inline
 from ..errors import Closed, JobNotFound, ModelError, Overloaded, ServekitError
 from . import _v2
+from ._metrics import HTTPStatistics
 
 __all__ = [
     "STATUS",
@@ -198,6 +199,20 @@ _STATIC: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def route_name(matched: tuple[str, dict[str, str]] | HTTPResponse, path: str) -> str:
+    """The ``route`` label of a request, from :meth:`Service.match`'s answer: its route's
+    name (also for a 405), or ``unmatched`` for a path no route has (never the path,
+    so the label set stays small)."""
+    if isinstance(matched, tuple):
+        return matched[0]
+    if matched.status == 405:
+        trimmed = path.rstrip("/") or "/"
+        for route, _, pattern in _ROUTES:
+            if pattern.fullmatch(trimmed):
+                return route
+    return "unmatched"
+
+
 class Service:
     """The routes over one predictor or a mapping of names to predictors.
 
@@ -247,6 +262,8 @@ class Service:
         self.name = name
         #: False once shutdown began: readiness answers 503 and new work is refused.
         self.accepting = True
+        #: Requests answered by the adapters, for the ``servekit_http_*`` families.
+        self.http = HTTPStatistics()
 
     # --- routing -------------------------------------------------------------------
 
@@ -358,7 +375,7 @@ class Service:
     def _route_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         from ._metrics import CONTENT_TYPE, render
 
-        text = render(self.predictors, ready=self.ready(), jobs=self.job_queues)
+        text = render(self, ready=self.ready())
         return HTTPResponse(200, [("content-type", CONTENT_TYPE)], text.encode())
 
     def _route_server_metadata(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

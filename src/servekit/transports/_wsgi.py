@@ -6,12 +6,13 @@ unknown length is read only up to the limit."""
 from __future__ import annotations
 
 import http
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._predictor import Predictor
 from . import _v2
-from ._core import HTTPRequest, HTTPResponse, Service
+from ._core import HTTPRequest, HTTPResponse, Service, route_name
 
 __all__ = ["WSGIApp", "create_wsgi_app"]
 
@@ -45,19 +46,26 @@ class WSGIApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The PEP 3333 entry point."""
-        response = self._handle(environ)
+        start = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/") or "/"
+        matched = self.service.match(method, path)
+        if isinstance(matched, HTTPResponse):
+            response = matched
+        else:
+            response = self._handle(environ, method, path, matched)
+        elapsed = time.perf_counter() - start
+        counts = self.service.http
+        counts.record_locked(route_name(matched, path), method, response.status, elapsed)
         reason = http.HTTPStatus(response.status).phrase
         headers = [*response.headers, ("content-length", str(len(response.body)))]
         start_response(f"{response.status} {reason}", headers)
         return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else response.body]
 
-    def _handle(self, environ: dict[str, Any]) -> HTTPResponse:
+    def _handle(
+        self, environ: dict[str, Any], method: str, path: str, matched: tuple[str, dict[str, str]]
+    ) -> HTTPResponse:
         service = self.service
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "/") or "/"
-        matched = service.match(method, path)
-        if isinstance(matched, HTTPResponse):
-            return matched
         limit = service.limits.max_body_bytes
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared and not declared.isdigit():

@@ -10,13 +10,14 @@ them in its lifespan (they also start on first use).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from .._predictor import Predictor
 from . import _v2
 from ._asgi import _run
-from ._core import HTTPRequest, HTTPResponse, Service
+from ._core import HTTPRequest, HTTPResponse, Service, route_name
 from ._openapi import ERROR_SCHEMA, model_schemas, predict_request_schema, predict_response_schema
 
 __all__ = ["create_router"]
@@ -47,27 +48,41 @@ def create_router(
     router = APIRouter()
 
     async def handle(request: Request, path: str) -> Response:
+        start = time.perf_counter()
+        matched = service.match(request.method, path)
+        if isinstance(matched, HTTPResponse):
+            answer: HTTPResponse | None = matched
+        else:
+            answer = await respond(request, path, matched)
+        status = 499 if answer is None else answer.status  # 499: the client went away
+        elapsed = time.perf_counter() - start
+        service.http.record(route_name(matched, path), request.method, status, elapsed)
+        if answer is None:  # nothing to send
+            return Response(status_code=499)
+        return _response(answer)
+
+    async def respond(
+        request: Request, path: str, matched: tuple[str, dict[str, str]]
+    ) -> HTTPResponse | None:
         limit = service.limits.max_body_bytes
         declared = request.headers.get("content-length")
         too_large = service.reject(
             path, 413, "payload_too_large", f"the request body is over the limit of {limit} bytes"
         )
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _response(too_large)
+            return too_large
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                return _response(too_large)
+                return too_large
         headers = {k.lower(): v for k, v in request.headers.items()}
         query = request.url.query
-        prepared = service.prepare(HTTPRequest(request.method, path, headers, body, query))
+        request_ = HTTPRequest(request.method, path, headers, body, query)
+        prepared = service.prepare(request_, matched)
         if isinstance(prepared, HTTPResponse):
-            return _response(prepared)
-        finished = await _run(prepared, request.receive)
-        if finished is None:  # the client went away; nothing to send
-            return Response(status_code=499)
-        return _response(finished)
+            return prepared
+        return await _run(prepared, request.receive)
 
     def _response(answer: HTTPResponse) -> Response:
         headers = {k: v for k, v in answer.headers if k != "content-type"}
