@@ -351,3 +351,42 @@ def test_route_labels_stay_bounded_and_two_services_add_up() -> None:
         "model_metadata"
     )
     assert route_name(service.match("GET", "/x"), "/x") == "unmatched"
+
+
+def test_the_http_families_reach_opentelemetry_and_prometheus_client() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from servekit.metrics import register_opentelemetry
+
+    app = create_wsgi_app(sk.Predictor(picky, name="m"))
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    register_opentelemetry(app, meter_provider=provider)
+    registry = CollectorRegistry()
+    register_prometheus(app, registry=registry)
+    try:
+        with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+            for x in (1, 2):
+                assert http.post("/predict", json={"input": x}).status_code == 200
+            assert http.post("/predict", json={"input": "x"}).status_code == 422
+        points = {}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        points[(metric.name, tuple(sorted(point.attributes.items())))] = point.value
+    finally:
+        app.close()
+        provider.shutdown()
+    ok = (("method", "POST"), ("route", "predict"), ("status", "200"))
+    invalid = (("method", "POST"), ("route", "predict"), ("status", "422"))
+    assert points[("servekit_http_requests", ok)] == 2
+    assert points[("servekit_http_requests", invalid)] == 1
+    assert points[("servekit_http_request_duration_seconds_count", (("route", "predict"),))] == 3
+    found = series(generate_latest(registry).decode())
+    assert (
+        get(found, "servekit_http_requests_total", route="predict", method="POST", status="200")
+        == 2
+    )
+    assert get(found, "servekit_http_request_duration_seconds_count", route="predict") == 3
