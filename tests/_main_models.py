@@ -9,6 +9,7 @@ signature (what validates the inputs) must still be the one the driver saw.
 Usage::
 
     python _main_models.py pickle OUT      # cloudpickle both models (as run_batch does)
+    python _main_models.py store DIR       # save both models in a ModelStore at DIR
     python _main_models.py processes       # run_batch on a Processes back end
     python _main_models.py dask ADDRESS    # run_batch with DaskRunner (a running cluster)
     python _main_models.py ray ADDRESS     # run_batch with RayRunner (a running Ray)
@@ -65,6 +66,13 @@ def inputs() -> dict[str, tuple[Any, list[Any], dict[str, Any]]]:
 
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "store":
+        from servekit.registry import ModelStore
+
+        store = ModelStore(sys.argv[2])
+        for name, (model, _, _) in inputs().items():
+            store.save(name, model)  # no Predictor made first
+        return
     if mode == "pickle":
         import cloudpickle
 

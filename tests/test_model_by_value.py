@@ -42,8 +42,19 @@ def test_a_copy_unpickled_elsewhere_validates_as_the_original(tmp_path: Path) ->
     blobs = cloudpickle.loads((tmp_path / "models.pkl").read_bytes())
     # Unpickled here, away from the script's globals (filterwarnings=error: a model
     # whose annotations cannot be resolved warns, and the test fails on it).
-    norm = sk.Predictor(cloudpickle.loads(blobs["Norm"]))
-    total = sk.Predictor(cloudpickle.loads(blobs["total"]))
+    check(cloudpickle.loads(blobs["Norm"]), cloudpickle.loads(blobs["total"]))
+
+
+def test_a_model_saved_in_a_store_and_loaded_elsewhere_validates(tmp_path: Path) -> None:
+    from servekit.registry import ModelStore
+
+    run_script("store", str(tmp_path / "models"), cwd=tmp_path)
+    store = ModelStore(tmp_path / "models")
+    check(store.load("Norm:1"), store.load("total:1"))
+
+
+def check(norm_model: Any, total_model: Any) -> None:
+    norm, total = sk.Predictor(norm_model), sk.Predictor(total_model)
     assert norm.validates and total.validates
     assert "Point" in repr(norm.signature)
     with norm, total:

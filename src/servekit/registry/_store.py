@@ -492,6 +492,9 @@ class ModelStore:
         validate_name(name)
         meta = _check_json(dict(metadata or {}), "metadata")
         the_model = as_model(model)
+        # Before pickling: working out the signature resolves string annotations into
+        # the model's functions, so a by-value copy (a model of ``__main__``) keeps them.
+        schema = _signature_schema(the_model, signature)
         data = cloudpickle.dumps(the_model)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -502,7 +505,7 @@ class ModelStore:
             "cloudpickle_version": cloudpickle.__version__,
             "servekit_version": _servekit_version(),
             "metadata": meta,
-            "signature": _signature_schema(the_model, signature),
+            "signature": schema,
         }
         # Stage the whole version outside the lock (the slow part: writing and fsyncing
         # the pickle), in the root so the final rename stays on one filesystem.
