@@ -848,3 +848,131 @@ async def test_a_predictor_on_threads_never_runs_a_batch_on_the_loop() -> None:
     async with sk.Predictor(where, backend=sk.Threads(1), batcher=batcher) as p:
         for i in range(5):
             assert await p.apredict(i) != loop_thread
+
+
+# -- where batches run: the loop slot -----------------------------------------------------
+
+
+def _thread_logging(fn: Callable[[Any], Any]) -> tuple[Callable[[list[Any]], list[Any]], list[int]]:
+    """A batch function applying ``fn`` per item that logs the thread of every call."""
+    threads: list[int] = []
+
+    def batch_fn(xs: list[Any]) -> list[Any]:
+        threads.append(threading.get_ident())
+        return [fn(x) for x in xs]
+
+    return batch_fn, threads
+
+
+def test_cheap_batches_of_asyncio_callers_run_on_their_loop() -> None:
+    # A batch far cheaper than a thread hand-off runs on the callers' loop, and items
+    # still gather into batches there (the woken callers queue again in between).
+    import asyncio
+
+    fn, threads = _thread_logging(lambda x: x + 1)
+
+    async def main() -> tuple[int, list[int]]:
+        async def client(i: int) -> list[int]:
+            return [await b.asubmit(i * 1000 + k) for k in range(20)]
+
+        got = await asyncio.gather(*(client(i) for i in range(64)))
+        return threading.get_ident(), [x for g in got for x in g]
+
+    with Batcher(fn, max_batch_size=16) as b:
+        loop_thread, got = asyncio.run(main())
+        stats = b.statistics()
+    assert sorted(got) == sorted(i * 1000 + k + 1 for i in range(64) for k in range(20))
+    # Timing decides the mode (a preempted batch may count as slow), so not every batch
+    # need run on the loop; most must.
+    assert threads.count(loop_thread) > len(threads) // 2
+    assert stats.items / stats.batches > 4
+
+
+def test_slow_batches_run_on_slot_threads() -> None:
+    import asyncio
+
+    def slow(x: int) -> int:
+        time.sleep(0.002)  # far above the loop slot's bound of 50 µs per batch
+        return x + 1
+
+    fn, threads = _thread_logging(slow)
+
+    async def main() -> tuple[int, list[int]]:
+        got = await asyncio.gather(*(b.asubmit(i) for i in range(200)))
+        return threading.get_ident(), list(got)
+
+    with Batcher(fn, max_batch_size=8) as b:
+        loop_thread, got = asyncio.run(main())
+    assert got == [i + 1 for i in range(200)]
+    # The first batch may run on the loop (nothing was timed yet); none after it.
+    assert loop_thread not in threads[1:]
+
+
+def test_loop_slot_serves_two_loops_and_caller_threads_at_once() -> None:
+    # Each loop drains on itself; items of another loop or of caller threads queued
+    # meanwhile are taken by whichever runs next and woken on their own loop or thread.
+    import asyncio
+
+    fn, _ = _thread_logging(lambda x: x * 3)
+    results: dict[str, list[int]] = {}
+
+    def loop_caller(name: str, base: int) -> None:
+        async def main() -> list[int]:
+            async def client(i: int) -> list[int]:
+                return [await b.asubmit(base + i * 100 + k) for k in range(30)]
+
+            got = await asyncio.gather(*(client(i) for i in range(32)))
+            return [x for g in got for x in g]
+
+        results[name] = asyncio.run(main())
+
+    def thread_caller(name: str, base: int) -> None:
+        results[name] = [b.submit(base + k) for k in range(200)]
+
+    with Batcher(fn, max_batch_size=16, max_concurrent_batches=2) as b:
+        workers = [
+            threading.Thread(target=loop_caller, args=("a", 0)),
+            threading.Thread(target=loop_caller, args=("b", 10_000)),
+            threading.Thread(target=thread_caller, args=("c", 20_000)),
+            threading.Thread(target=thread_caller, args=("d", 30_000)),
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(WAIT_S * 3)
+        assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
+    for name, base in (("a", 0), ("b", 10_000)):
+        assert results[name] == [3 * (base + i * 100 + k) for i in range(32) for k in range(30)]
+    for name, base in (("c", 20_000), ("d", 30_000)):
+        assert results[name] == [3 * (base + k) for k in range(200)]
+
+
+def test_a_cancelled_caller_on_the_loop_slot_leaves_the_others_their_answers() -> None:
+    import asyncio
+
+    seen: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        seen.extend(xs)
+        return [-x for x in xs]
+
+    async def main() -> list[int]:
+        tasks = [asyncio.ensure_future(b.asubmit(i)) for i in range(100)]
+        await asyncio.sleep(0)  # every task has queued its item; no batch has run yet
+        assert b.statistics().queue_depth == 100
+        tasks[7].cancel()
+        tasks[50].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[7], asyncio.CancelledError)
+        assert isinstance(done[50], asyncio.CancelledError)
+        return [x for i, x in enumerate(done) if i not in (7, 50)]
+
+    with Batcher(fn, max_batch_size=16) as b:
+        b.submit(0)  # one batch timed: cheap, so the loop slot serves the asyncio callers
+        seen.clear()
+        got = asyncio.run(main())
+        stats = b.statistics()
+    assert got == [-i for i in range(100) if i not in (7, 50)]
+    assert sorted(seen) == [i for i in range(100) if i not in (7, 50)]
+    assert stats.queue_depth == 0
+    assert stats.cancelled == 2

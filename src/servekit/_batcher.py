@@ -82,8 +82,30 @@ _CLOSED = 4  # every thread joined
 _DEFAULT_RETRY_AFTER_S = 0.05
 # Weight of the newest batch duration in the moving average behind retry_after_s.
 _EWMA_ALPHA = 0.2
+# Batches taking at most this long (moving average) run on their callers' event loop
+# under load, not on a slot thread: a hand-off to a thread and back costs two wake-ups,
+# each tens of microseconds on a busy or virtual machine, which is more than such a
+# batch takes. Longer batches go to the slots, so the loop works while the model runs.
+_LOOP_SLOT_MAX_S = 50e-6
 
 _names = iter(range(1, 1 << 62))
+
+# Made directly, not by loop.create_future(): one Python call less per request. Any
+# asyncio loop accepts it (uvloop included).
+_FUTURE = asyncio.Future
+
+
+def _single_loop(batch: list[Pending]) -> asyncio.AbstractEventLoop | None:
+    """The event loop whose futures every record of ``batch`` waits on, or None."""
+    first = batch[0].waiter
+    if type(first) is not _FUTURE:
+        return None
+    loop = first.get_loop()
+    for record in batch:
+        waiter = record.waiter
+        if type(waiter) is not _FUTURE or waiter.get_loop() is not loop:
+            return None
+    return loop
 
 
 class Batcher(Generic[In, Out]):
@@ -213,6 +235,13 @@ class Batcher(Generic[In, Out]):
         self._fn_loop_safe = True
         self._run_fn: Callable[[list[Any]], Any] | None = None  # fn as the slots run it
         self._inline_ok = False  # decided at start: a sync fn, no wait_for_full
+        # Decided at start: every item costs 1, shares any batch, needs no collation
+        # check at submission, and no timeout is imposed: asubmit's inlined hot path.
+        self._plain = False
+        # Whether asyncio callers' batches run on their loop (see _LOOP_SLOT_MAX_S), and
+        # the loop that has a drain scheduled (None: none has).
+        self._loop_slot = False
+        self._drain_loop: asyncio.AbstractEventLoop | None = None
         #: The name used in thread names and messages.
         self.name: str = name or f"{getattr(fn, '__name__', 'batcher')}-{next(_names)}"
         self._lock = threading.Lock()
@@ -270,6 +299,12 @@ class Batcher(Generic[In, Out]):
             fn = acollated(fn, self.collate) if is_async else collated(fn, self.collate)
         self._run_fn = fn
         self._inline_ok = not is_async and not self.wait_for_full and self.inline_max_s > 0
+        self._plain = (
+            self.size_fn is None
+            and self.group_key is None
+            and self.collate is None
+            and self.max_timeout_s is None
+        )
         for index in range(self.max_concurrent_batches):
             thread = threading.Thread(
                 target=self._work,
@@ -428,43 +463,86 @@ class Batcher(Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        fast = self._afast(x, timeout_s, priority)
-        if fast is None:
-            record = await self._aoutcome(x, timeout_s, priority)
-        else:
-            record, future = fast
+        loop = _get_running_loop()
+        if (
+            loop is not None
+            and timeout_s is None
+            and self._plain
+            and (self._loop_slot or self._depth or not self._may_run_on_loop())
+        ):
+            # The hot path, inlined (this runs once per request on the event loop, whose
+            # per-request work bounds throughput; DESIGN.md §5): a bare future is the
+            # waiter, set by _settle_on_loop or wake_all, one loop call per batch.
+            future: asyncio.Future[None] = _FUTURE(loop=loop)
+            now = _monotonic()
+            record = Pending(x, None, now, future, priority)
+            with self._lock:
+                level = self._levels.get(priority)
+                queued = self._state == _OPEN and self._depth < self.max_queue and level is not None
+                drain = False
+                if queued:
+                    record.seq = self._formed
+                    level.append(record)  # type: ignore[union-attr]  # not None: queued
+                    self._depth += 1
+                    self._cost += 1
+                    if self._loop_slot and self._drain_loop in (None, loop):
+                        drain = self._drain_loop is None
+                        self._drain_loop = loop
+                    elif self._waiting:
+                        self._ready.notify()
+            if drain:
+                loop.call_soon(self._drain_on_loop, loop)
+            elif not queued:  # closed, full, or a new priority level: the general path
+                record = self._enqueue(x, None, future, priority)
             try:
                 await future
             except BaseException:
                 self._give_up(record, Cancelled("the caller was cancelled"))
                 raise
+        else:
+            record = await self._aoutcome(x, timeout_s, priority)
         outcome = record.outcome
         if type(outcome) is Failure:  # unwrap(), inlined: one call less per request
             raise to_model_error(outcome.error)
         result: Out = outcome
         return result
 
-    def _afast(
-        self, x: Any, timeout_s: float | None, priority: int
-    ) -> tuple[Pending, asyncio.Future[None]] | None:
-        """Queue ``x`` for an asyncio caller on the hot path: its record and the bare
-        future to await (set by :func:`~servekit._waker.wake_all`, one loop call per
-        batch). None where the general path of :meth:`_aoutcome` applies: trio, a
-        timeout, or an item that may run alone on the loop.
+    def _drain_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one batch on this event loop (cheap batches, see _LOOP_SLOT_MAX_S), then
+        come back for the next while the queue holds items and batches stay cheap.
 
-        A plain function, not a coroutine: the caller awaits the future itself, which
-        saves a coroutine per request on the event loop, whose per-item work bounds
-        throughput (DESIGN.md §5).
+        One batch per loop callback: the callers just woken queue their next items in
+        between, so the next batch is full.
         """
-        if timeout_s is not None or self.max_timeout_s is not None:
-            return None
-        if not self._depth and self._may_run_on_loop():
-            return None
-        loop = _get_running_loop()
-        if loop is None:
-            return None
-        future = loop.create_future()
-        return self._enqueue(x, None, future, priority), future
+        with self._lock:
+            batch: list[Pending] = []
+            expired: list[Pending] = []
+            if (
+                self._depth
+                and self._running < self.max_concurrent_batches
+                and self._state in (_OPEN, _CLOSING)
+            ):
+                batch, expired = self._form_locked()
+                if batch:
+                    self._running += 1
+        try:
+            if expired:
+                wake_all([record.waiter for record in expired])
+            if batch:
+                assert self._run_fn is not None
+                self._run(self._run_fn, None, batch)
+        finally:
+            with self._lock:
+                # Only after a batch ran here: with every slot busy, the slot threads take
+                # what is queued as they free up (no polling from the loop).
+                again = bool(batch) and bool(self._depth) and self._loop_slot
+                again = again and self._state == _OPEN
+                if not again:
+                    self._drain_loop = None
+                    if self._waiting and self._depth:
+                        self._ready.notify()  # what is left goes to a slot thread
+        if again:
+            loop.call_soon(self._drain_on_loop, loop)
 
     async def _aoutcomes(
         self, xs: Iterable[Any], timeout_s: float | None, priority: int
@@ -507,7 +585,7 @@ class Batcher(Generic[In, Out]):
             if loop is not None:
                 # asyncio: the future is the waiter, awaited directly (wake_all sets a
                 # whole batch's futures in one loop call). Busy batchers take the same
-                # path without this coroutine (_afast).
+                # path inlined in asubmit.
                 future = loop.create_future()
                 alone = self._may_run_on_loop()
                 record = self._enqueue(x, None, future, priority, not alone)
@@ -800,10 +878,13 @@ class Batcher(Generic[In, Out]):
                 record.queued = False
                 taken += 1
                 deadline = record.deadline
+                waiter = record.waiter
                 if deadline is not None and now >= deadline:
                     record.settled = True
                     record.outcome = Failure(deadline_error(None))
                     expired.append(record)
+                elif type(waiter) is _FUTURE and waiter.done():
+                    self._drop_cancelled_locked(record)
                 else:
                     batch.append(record)
             self._depth -= taken
@@ -815,6 +896,17 @@ class Batcher(Generic[In, Out]):
         if not self._depth and self._state == _CLOSING:
             self._drained.notify_all()
         return batch, expired
+
+    def _drop_cancelled_locked(self, record: Pending) -> None:
+        """Settle a record taken from the queue whose asyncio caller was cancelled.
+
+        Its future is cancelled at once, but its task gives the record up only when it
+        next runs; a batch formed in between (on the same loop, by the loop slot, it is
+        certain to be) must not send its item to the model.
+        """
+        record.settled = True
+        record.outcome = Failure(Cancelled("the caller was cancelled"))
+        self._cancelled += 1
 
     def _form_keyed_locked(
         self, queue: deque[Pending], now: float, batch: list[Pending], expired: list[Pending]
@@ -832,6 +924,9 @@ class Batcher(Generic[In, Out]):
                 record.settled = True
                 record.outcome = Failure(deadline_error(None))
                 expired.append(record)
+            elif type(record.waiter) is _FUTURE and record.waiter.done():
+                queue.popleft()
+                self._drop_cancelled_locked(record)
             elif record.key != key:
                 skipped.append(queue.popleft())
                 continue
@@ -872,29 +967,58 @@ class Batcher(Generic[In, Out]):
         finally:
             running_batch.records = None
         elapsed = _monotonic() - started
+        # Callers all awaiting on one asyncio loop (the common case under load) are
+        # settled on that loop, in one call: the slot thread, whose serial work bounds
+        # throughput, then does nothing per item after the batch function returns.
+        loop = _single_loop(batch)
         with self._lock:
             self._running -= 1
-            if self._waiting and self._depth:
-                self._ready.notify()  # a slot is free again (a caller ran its own batch)
+            if self._waiting and self._depth and self._drain_loop is None:
+                # A slot is free again (a caller ran its own batch); with a drain
+                # scheduled on a loop, that drain takes what is queued.
+                self._ready.notify()
             self._batches += 1
             self._items += len(batch)
             self._sizes[len(batch)] += 1
             self._run_time.record(elapsed)
             self._busy_s += elapsed
-            self._batch_s = (
+            self._batch_s = batch_s = (
                 elapsed
                 if self._batch_s <= 0.0
                 else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
             )
+            self._loop_slot = (
+                self._inline_ok
+                and self._fn_loop_safe
+                and batch_s <= min(self.inline_max_s, _LOOP_SLOT_MAX_S)
+            )
+            if loop is None:
+                head, others = self._settle_locked(batch, outcomes, tag, started)
+        if loop is not None:
+            if loop is _get_running_loop():
+                self._settle_on_loop(batch, outcomes, tag, started)
+                return
+            try:
+                loop.call_soon_threadsafe(self._settle_on_loop, batch, outcomes, tag, started)
+            except RuntimeError:  # the loop is closed: nobody waits, but account for them
+                with self._lock:
+                    self._settle_locked(batch, outcomes, tag, started)
+            return
+        if head is not None:
+            head.wake()
+        if others:
+            wake_all(others)
+
+    def _settle_on_loop(
+        self, batch: list[Pending], outcomes: list[Any], tag: Any, started: float
+    ) -> None:
+        """Settle a batch whose callers all await futures of the loop running this, and
+        wake them (futures are set outside the lock: each costs a loop callback)."""
+        futures: list[asyncio.Future[None]] = []
+        add = futures.append
+        with self._lock:
             self._queue_wait.record_many([started - record.enqueued for record in batch])
-            settled = failed = 0
-            # Caller threads are woken in a chain: the slot wakes the first, each wakes
-            # the next as it returns, so they queue for the GIL one at a time instead of
-            # all at once (a herd that also starves the slot of the GIL). Linked under
-            # the lock, so a caller that times out meanwhile still sees its successor.
-            others: list[Any] = []
-            head: Any = None
-            last: Pending | None = None  # the chain's tail
+            failed = 0
             for record, outcome in zip(batch, outcomes, strict=True):
                 if record.settled:
                     continue  # its caller gave up while the batch ran: the result is dropped
@@ -903,22 +1027,50 @@ class Batcher(Generic[In, Out]):
                 record.tag = tag
                 if type(outcome) is Failure:
                     failed += 1
-                waiter = record.waiter
-                if type(waiter) is SyncWaiter:
-                    if last is None:
-                        head = waiter
-                    else:
-                        last.chain = waiter
-                    last = record
-                else:
-                    others.append(waiter)
-                settled += 1
+                add(record.waiter)  # type: ignore[arg-type]  # a future: _single_loop said so
             self._failed += failed
-            self._succeeded += settled - failed
-        if head is not None:
-            head.wake()
-        if others:
-            wake_all(others)
+            self._succeeded += len(futures) - failed
+        for future in futures:
+            try:
+                future.set_result(None)
+            except asyncio.InvalidStateError:
+                pass  # its caller was cancelled meanwhile: its task gives up the record
+
+    def _settle_locked(
+        self, batch: list[Pending], outcomes: list[Any], tag: Any, started: float
+    ) -> tuple[Any, list[Any]]:
+        """Give each record its outcome; return the head of the chain of caller threads
+        to wake and every other waiter. Called with the lock held."""
+        self._queue_wait.record_many([started - record.enqueued for record in batch])
+        settled = failed = 0
+        # Caller threads are woken in a chain: the slot wakes the first, each wakes
+        # the next as it returns, so they queue for the GIL one at a time instead of
+        # all at once (a herd that also starves the slot of the GIL). Linked under
+        # the lock, so a caller that times out meanwhile still sees its successor.
+        others: list[Any] = []
+        head: Any = None
+        last: Pending | None = None  # the chain's tail
+        for record, outcome in zip(batch, outcomes, strict=True):
+            if record.settled:
+                continue  # its caller gave up while the batch ran: the result is dropped
+            record.settled = True
+            record.outcome = outcome
+            record.tag = tag
+            if type(outcome) is Failure:
+                failed += 1
+            waiter = record.waiter
+            if type(waiter) is SyncWaiter:
+                if last is None:
+                    head = waiter
+                else:
+                    last.chain = waiter
+                last = record
+            else:
+                others.append(waiter)
+            settled += 1
+        self._failed += failed
+        self._succeeded += settled - failed
+        return head, others
 
     # -- accounting ------------------------------------------------------------------
 
