@@ -1,8 +1,12 @@
 """Batching efficiency, overhead and latency of :class:`servekit.Batcher` under load.
 
-The workload is a numpy MLP (256 -> 1024 ReLU -> 16, float32, fixed random weights). The
-batch function takes a list of 1-D float32 inputs of shape (256,), stacks them, runs the
-MLP and returns a list of output rows; ``max_batch_size=32``.
+The workload is a numpy MLP (256 -> 1024 ReLU -> 16, float32, fixed random weights) on
+1-D float32 inputs of shape (256,); ``max_batch_size=32``. The Batcher is given the MLP
+itself with ``collate=Stack()``, the configuration docs/batching.md recommends for
+fixed-shape arrays: asyncio callers' items are copied into the batch array as they are
+submitted, and the model gets that array. The rows marked "list" give the Batcher a batch
+function that takes a list of inputs, stacks them itself (``np.stack``) and returns a list
+of output rows, for contrast.
 
 IDEAL is the limit: items/s of calling the MLP directly on full batches of 32 (input
 stacked beforehand, in a tight loop). Each row is measured back to back with its own IDEAL
@@ -48,7 +52,7 @@ from _util import (  # first: pins BLAS threads before numpy is imported
 # isort: split
 import numpy as np  # after _util, which pins the BLAS threads
 
-from servekit import Batcher, Predictor, Processes
+from servekit import Batcher, Predictor, Processes, Stack
 
 TRIALS = 3
 ROW_S = 0.8  # seconds of closed-loop load per row and trial
@@ -81,6 +85,11 @@ def mlp(x: np.ndarray) -> np.ndarray:
     out = h @ W2
     out += B2
     return out
+
+
+def stacked(**options: Any) -> Batcher[Any, Any]:
+    """The Batcher of the headline rows: the MLP on arrays stacked at submission."""
+    return Batcher(mlp, collate=Stack(), max_batch_size=BATCH, max_wait_s=MAX_WAIT_S, **options)
 
 
 def mlp_batch(batch: list[np.ndarray]) -> list[np.ndarray]:
@@ -296,11 +305,10 @@ def main() -> None:
 
     async_counts = (1, 16, 64, 256)
     batchers: dict[str, Batcher[Any, Any]] = {
-        **{
-            f"asyncio C={c}": Batcher(mlp_batch, max_batch_size=BATCH, max_wait_s=MAX_WAIT_S)
-            for c in async_counts
-        },
-        "threads C=64": Batcher(mlp_batch, max_batch_size=BATCH, max_wait_s=MAX_WAIT_S),
+        **{f"asyncio C={c}": stacked() for c in async_counts},
+        "list asyncio C=64": Batcher(mlp_batch, max_batch_size=BATCH, max_wait_s=MAX_WAIT_S),
+        "threads C=64": stacked(),
+        "list threads C=64": Batcher(mlp_batch, max_batch_size=BATCH, max_wait_s=MAX_WAIT_S),
         "identity asyncio C=256": Batcher(ident, max_batch_size=BATCH, max_wait_s=MAX_WAIT_S),
         "no batching asyncio C=64": Batcher(mlp_batch, max_batch_size=1, max_wait_s=MAX_WAIT_S),
     }
@@ -318,10 +326,15 @@ def main() -> None:
         }
         if c == 1:
             groups[label]["direct"] = direct_one(direct, inputs[0])
-    label = "threads C=64"
+    for label in ("threads C=64", "list threads C=64"):
+        groups[label] = {
+            "ideal": ideal_measure,
+            "batcher": thread_callers(batchers[label], rows[label], inputs, 64),
+        }
+    label = "list asyncio C=64"
     groups[label] = {
         "ideal": ideal_measure,
-        "batcher": thread_callers(batchers[label], rows[label], inputs, 64),
+        "batcher": async_callers(loop, batchers[label], rows[label], inputs, 64),
     }
     label = "identity asyncio C=256"
     groups[label] = {"batcher": async_callers(loop, batchers[label], rows[label], inputs, 256)}
@@ -444,6 +457,8 @@ def main() -> None:
             )
         else:
             table.row(label, *row_cells)
+    row_cells, _ = cells("list asyncio C=64")
+    table.row("list asyncio C=64", *row_cells)
     row_cells, ratio = cells("threads C=64")
     table.row(
         "threads C=64 submit",
@@ -451,6 +466,8 @@ def main() -> None:
         target=f"ratio >= {SYNC_RATIO_TARGET}",
         met=ratio >= SYNC_RATIO_TARGET,
     )
+    row_cells, _ = cells("list threads C=64")
+    table.row("list threads C=64 submit", *row_cells)
     label = "identity asyncio C=256"
     ident_ips = median(samples[label]["batcher"])
     per_request_us = 1e6 / ident_ips
