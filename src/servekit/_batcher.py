@@ -1171,6 +1171,29 @@ class Batcher(Generic[In, Out]):
 
     # -- accounting ------------------------------------------------------------------
 
+    def refuse_if_full(self) -> Overloaded | None:
+        """The :class:`~servekit.Overloaded` error a submission would get now because
+        the queue is full (counted as a rejection), or None.
+
+        For transports, to refuse a request before reading and decoding it. A hint,
+        like any look at a queue others use: None promises no room, and a submission
+        still checks under the lock.
+        """
+        if self._depth < self.max_queue:  # an unlocked read: the common case is cheap
+            return None
+        with self._lock:
+            if self._state != _OPEN or self._depth < self.max_queue:
+                return None  # closed: the submission says so; or room was made
+            self._rejected += 1
+            retry_after_s = self._retry_after_locked()
+            depth = self._depth
+        return Overloaded(
+            f"batcher {self.name!r} has {depth} items queued (max_queue={self.max_queue}); "
+            f"retry after {retry_after_s:.3f} s, or add capacity (max_concurrent_batches, "
+            "max_batch_size)",
+            retry_after_s=retry_after_s,
+        )
+
     def statistics(self) -> BatcherStatistics:
         """A consistent snapshot of the counters."""
         with self._lock:

@@ -417,6 +417,22 @@ class Predictor(Generic[In, Out]):
             self._requests += n
             self._errors += n
 
+    def refuse_if_full(self) -> Overloaded | None:
+        """The :class:`~servekit.Overloaded` error a request would get now because its
+        batcher's queue is full (counted as a failed request and a rejection), or None
+        (no batcher, room in the queue, or not running: a request finds out itself).
+
+        Cheap when there is room; the HTTP transports call it before reading a request's
+        body, so that refusing the excess of an overload costs little (LD-02).
+        """
+        batcher = self.batcher
+        if batcher is None or self._state is not _RUNNING:
+            return None
+        refused = batcher.refuse_if_full()
+        if refused is not None:
+            self._reject(1)
+        return refused
+
     def statistics(self) -> PredictorStatistics:
         """A consistent snapshot of the counters."""
         with self._lock:
