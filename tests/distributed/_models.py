@@ -1,6 +1,7 @@
 """Models the distributed tests send to workers (pickled by value: workers need not
-import this module). No ``from __future__ import annotations`` here: a by-value copy
-keeps the annotation objects, where strings could not be resolved on a worker."""
+import this module). No ``from __future__ import annotations`` here, so these models do
+not rely on the driver resolving string annotations before pickling; the tests with
+``tests/_main_models.py`` cover that case."""
 
 import os
 import time
