@@ -10,6 +10,10 @@ FastAPI or Starlette (``app.mount("/ml", create_asgi_app(predictor))``).
 - **Body limit before reading.** A ``content-length`` over ``limits.max_body_bytes``
   is answered 413 before a byte is read; a chunked body is counted as it arrives and
   refused as soon as it passes the limit (TR-02).
+- **Overload before reading.** A ``/predict`` or infer request to a model whose
+  batcher's queue is full is answered 429 from its route alone: no body read, no JSON
+  decoded, no task started, so refusing the excess of an overload costs little more
+  than a health probe (LD-02).
 - **Disconnects.** While a request's work runs, the app listens for
   ``http.disconnect``; a client that goes away cancels the work, which takes its item
   out of the batcher's queue (BQ-10), and nothing is sent.
@@ -129,7 +133,11 @@ class ASGIApp:
         if isinstance(matched, HTTPResponse):
             response = matched
         else:
-            response = await self._answer(scope, receive, method, path, matched)
+            # The excess of an overload is refused from the route alone, before its
+            # body is read or decoded (LD-02); the body left unread is the server's.
+            response = service.refuse_if_full(matched, path)
+            if response is None:
+                response = await self._answer(scope, receive, method, path, matched)
         # A client that went away before its answer is counted as nginx logs it: 499.
         status = 499 if response is None else response.status
         service.http.record(route_name(matched, path), method, status, time.perf_counter() - start)

@@ -344,6 +344,22 @@ class Service:
         """The response for ``exc`` under this service's settings."""
         return error_response(exc, expose_model_errors=self.expose_model_errors, v2=v2)
 
+    def refuse_if_full(
+        self, matched: tuple[str, dict[str, str]] | HTTPResponse, path: str
+    ) -> HTTPResponse | None:
+        """The 429 for a ``/predict`` or OIP infer request whose model's batcher has a
+        full queue, from :meth:`match`'s answer alone, or None. Adapters call it before
+        reading the body: the excess of an overload is refused without reading,
+        decoding or queueing anything (LD-02). :meth:`prepare` checks again."""
+        if type(matched) is not tuple or matched[0] not in _QUEUED_ONE_BY_ONE:
+            return None
+        try:
+            predictor = self._predictor(matched[1])
+        except _NotFound:
+            return None  # prepare answers the 404
+        refused = predictor.refuse_if_full() if self.accepting else None
+        return None if refused is None else self.error(refused, v2=_is_v2(path))
+
     def _refuse_when_closing(self) -> None:
         if not self.accepting:
             raise Closed("the server is shutting down; retry on another instance")
@@ -416,6 +432,7 @@ class Service:
     def _route_predict(self, request: HTTPRequest, params: dict[str, str]) -> Call:
         predictor = self._predictor(params)
         self._refuse_when_closing()
+        _refuse_if_full(predictor)
         body = self._json(request)
         if not isinstance(body, dict) or "input" not in body:
             raise _BadRequest('send {"input": ...} (and optionally "timeout_s", "priority")')
@@ -476,6 +493,7 @@ class Service:
     def _route_infer(self, request: HTTPRequest, params: dict[str, str]) -> Call:
         predictor = self._predictor(params)
         self._refuse_when_closing()
+        _refuse_if_full(predictor)
         header = request.headers.get("inference-header-content-length")
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
         if header is None and kind not in ("application/json", ""):
@@ -625,6 +643,17 @@ class Service:
         from ..jobs import job_dict
 
         return json_response(200, _to_json(job_dict(result)))
+
+
+# Routes whose request is refused whole (429) when the queue is full: predict_many
+# answers 200 with an error per item that found no room, and stays so.
+_QUEUED_ONE_BY_ONE = frozenset({"predict", "infer"})
+
+
+def _refuse_if_full(predictor: Predictor[Any, Any]) -> None:
+    refused = predictor.refuse_if_full()
+    if refused is not None:
+        raise refused
 
 
 def _is_v2(path: str) -> bool:
