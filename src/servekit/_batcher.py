@@ -28,7 +28,10 @@ Invariants (all under ``self._lock``):
 * a record is in ``self._levels[record.priority]`` iff ``record.queued``, and ``_depth``
   and ``_cost`` count exactly the queued records;
 * ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
-  settles a record wakes its caller, unless the caller settled it itself (it gave up);
+  settles a record wakes its caller, unless the caller settled it itself (it gave up).
+  The one settling done without the lock: a finished batch whose callers all await on
+  one asyncio loop, settled on that loop's thread (``_settle_on_loop``), where the only
+  other writer of those records is their callers' own ``_give_up``, on the same thread;
 * an item whose record is settled before its batch is formed never reaches the function.
 """
 
@@ -88,7 +91,7 @@ _EWMA_ALPHA = 0.2
 # each tens of microseconds on a busy or virtual machine, which is more than such a
 # batch takes. Longer batches go to the slots, so the loop works while the model runs.
 _LOOP_SLOT_MAX_S = 50e-6
-# Batches' worth of rows in one buffer of a stacking batcher (see Batcher._stack_locked).
+# Batches' worth of rows in one buffer of a stacking batcher (see Batcher._stack).
 _STACK_BUFFER_BATCHES = 4
 
 _names = iter(range(1, 1 << 62))
@@ -246,7 +249,7 @@ class Batcher(Generic[In, Out]):
         # the loop that has a drain scheduled (None: none has).
         self._loop_slot = False
         self._drain_loop: asyncio.AbstractEventLoop | None = None
-        # Decided at start: a Stack collation done at submission (see _stack_locked),
+        # Decided at start: a Stack collation done at submission (see _stack),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
         self._stacking = False
         self._stack_key: Any = None
@@ -504,13 +507,13 @@ class Batcher(Generic[In, Out]):
             future: asyncio.Future[None] = _FUTURE(loop=loop)
             now = _monotonic()
             record = Pending(x, None, now, future, priority, self._stack_key)
+            if self._stacking:
+                self._stack(record)  # copied before the record is queued, outside the lock
             with self._lock:
                 level = self._levels.get(priority)
                 queued = self._state == _OPEN and self._depth < self.max_queue and level is not None
                 drain = False
                 if queued:
-                    if self._stacking:
-                        self._stack_locked(record)
                     record.seq = self._formed
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
                     self._depth += 1
@@ -537,7 +540,7 @@ class Batcher(Generic[In, Out]):
         result: Out = outcome
         return result
 
-    def _stack_locked(self, record: Pending) -> None:
+    def _stack(self, record: Pending) -> None:
         """Copy a stacking item into the open batch buffer (submit-side collation).
 
         A batch whose items sit in consecutive rows of one buffer reaches the model as
@@ -546,15 +549,19 @@ class Batcher(Generic[In, Out]):
         Rows are written once and never reused, so a batch, or an output that is a view
         of it, is never overwritten by later items.
         """
-        buf = self._buf
-        row = self._buf_rows
-        if buf is None or row == len(buf):
-            # Room for a few batches: a batch spanning two buffers costs a concatenate.
-            rows = _STACK_BUFFER_BATCHES * self.max_batch_size
-            buf = self._buf = np.empty((rows, *self._stack_shape), self._stack_dtype)
-            row = 0
+        with self._lock:  # only to reserve the row: the copy runs unlocked
+            buf = self._buf
+            row = self._buf_rows
+            if buf is None or row == len(buf):
+                # Room for a few batches: a batch spanning two buffers costs a concatenate.
+                rows = _STACK_BUFFER_BATCHES * self.max_batch_size
+                buf = self._buf = np.empty((rows, *self._stack_shape), self._stack_dtype)
+                row = 0
+            self._buf_rows = row + 1
+        # The record is not queued yet, so no batch can take the row before it is filled.
+        # Records queued out of row order (callers on two loops) only split the batch
+        # into more slices (_prebuilt).
         buf[row] = record.item
-        self._buf_rows = row + 1
         record.buf = buf
         record.row = row
 
@@ -1111,27 +1118,30 @@ class Batcher(Generic[In, Out]):
     ) -> None:
         """Settle a batch whose callers all await futures of the loop running this, and
         wake them (futures are set outside the lock: each costs a loop callback)."""
-        futures: list[asyncio.Future[None]] = []
-        add = futures.append
-        with self._lock:
-            self._queue_wait.record_many([started - record.enqueued for record in batch])
-            failed = 0
-            for record, outcome in zip(batch, outcomes, strict=True):
-                if record.settled:
-                    continue  # its caller gave up while the batch ran: the result is dropped
-                record.settled = True
-                record.outcome = outcome
-                record.tag = tag
-                if type(outcome) is Failure:
-                    failed += 1
-                add(record.waiter)  # type: ignore[arg-type]  # a future: _single_loop said so
-            self._failed += failed
-            self._succeeded += len(futures) - failed
-        for future in futures:
+        # No lock while settling: every record here belongs to a caller on this thread,
+        # and only this thread settles them now (this method, or the caller's own
+        # _give_up). Holding the lock would make a slot thread that wants to form the
+        # next batch block on it, and then wait for the GIL through the loop's whole
+        # burst of work: the model would stand still.
+        waits = [started - record.enqueued for record in batch]
+        settled = failed = 0
+        for record, outcome in zip(batch, outcomes, strict=True):
+            if record.settled:
+                continue  # its caller gave up while the batch ran: the result is dropped
+            record.settled = True
+            record.outcome = outcome
+            record.tag = tag
+            if type(outcome) is Failure:
+                failed += 1
+            settled += 1
             try:
-                future.set_result(None)
+                record.waiter.set_result(None)  # type: ignore[union-attr]  # _single_loop
             except asyncio.InvalidStateError:
                 pass  # its caller was cancelled meanwhile: its task gives up the record
+        with self._lock:
+            self._queue_wait.record_many(waits)
+            self._failed += failed
+            self._succeeded += settled - failed
 
     def _settle_locked(
         self, batch: list[Pending], outcomes: list[Any], tag: Any, started: float
