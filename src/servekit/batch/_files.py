@@ -61,7 +61,6 @@ from ._sources import (
     CSVSource,
     JSONLSource,
     ParquetSource,
-    _arrow_chunk,
     _check_args,
     _chunk_records,
     _FileSource,
@@ -70,6 +69,7 @@ from ._sources import (
     _parse_object,
     _Record,
     _reraise,
+    rechunk,
 )
 from ._types import Chunk
 
@@ -287,27 +287,16 @@ def parquet_chunks(
     files and row groups before it are skipped from the footers."""
     pa, _ = _import_pyarrow()
     skip = start_chunk * chunk_size
-    pending: list[Any] = []
-    pending_rows = 0
-    index, start = start_chunk, skip
-    before = 0
-    for path, n in zip(files, rows, strict=True):
-        if before + n <= skip:
+
+    def batches() -> Iterator[Any]:
+        before = 0
+        for path, n in zip(files, rows, strict=True):
+            if before + n > skip:
+                for batch in _file_batches(path, n, names, chunk_size, max(0, skip - before)):
+                    yield pa.RecordBatch.from_arrays(batch.columns, names=names)
             before += n
-            continue
-        for batch in _file_batches(path, n, names, chunk_size, max(0, skip - before)):
-            pending.append(pa.RecordBatch.from_arrays(batch.columns, names=names))
-            pending_rows += batch.num_rows
-            while pending_rows >= chunk_size:
-                table = pa.Table.from_batches(pending)
-                yield _arrow_chunk(index, start, table.slice(0, chunk_size), names)
-                pending = table.slice(chunk_size).to_batches()
-                pending_rows -= chunk_size
-                index += 1
-                start += chunk_size
-        before += n
-    if pending_rows:
-        yield _arrow_chunk(index, start, pa.Table.from_batches(pending), names)
+
+    yield from rechunk(batches(), chunk_size, start_chunk, skip, names)
 
 
 def _file_batches(

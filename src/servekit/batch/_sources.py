@@ -786,7 +786,6 @@ class ParquetSource(_FileSource):
         return self._gens.track(self._chunks(names, chunk_size, start_chunk))
 
     def _chunks(self, names: list[str], chunk_size: int, start_chunk: int) -> Iterator[Chunk]:
-        pa, _ = _import_pyarrow()
         pf = self._file()
         try:
             skip = start_chunk * chunk_size
@@ -804,29 +803,18 @@ class ParquetSource(_FileSource):
                 row_groups=list(range(first_group, meta.num_row_groups)),
                 columns=names,
             )
-            pending: list[Any] = []
-            pending_rows = 0
-            index, start = start_chunk, skip
-            for batch in _reraise(batches, self._path):
-                if drop:
-                    if batch.num_rows <= drop:
-                        drop -= batch.num_rows
-                        continue
-                    batch = batch.slice(drop)
-                    drop = 0
-                if not batch.num_rows:
-                    continue
-                pending.append(batch)
-                pending_rows += batch.num_rows
-                while pending_rows >= chunk_size:
-                    table = pa.Table.from_batches(pending)
-                    yield _arrow_chunk(index, start, table.slice(0, chunk_size), names)
-                    pending = table.slice(chunk_size).to_batches()
-                    pending_rows -= chunk_size
-                    index += 1
-                    start += chunk_size
-            if pending_rows:
-                yield _arrow_chunk(index, start, pa.Table.from_batches(pending), names)
+
+            def after_skip(drop: int) -> Iterator[Any]:
+                for batch in _reraise(batches, self._path):
+                    if drop:
+                        if batch.num_rows <= drop:
+                            drop -= batch.num_rows
+                            continue
+                        batch = batch.slice(drop)
+                        drop = 0
+                    yield batch
+
+            yield from rechunk(after_skip(drop), chunk_size, start_chunk, skip, names)
         finally:
             pf.close()
 
@@ -842,6 +830,30 @@ def _reraise(batches: Iterator[Any], path: Path) -> Iterator[Any]:
         except Exception as exc:  # pyarrow.ArrowException, OSError: a corrupt file
             raise SourceError(f"cannot read {str(path)!r}: {exc}") from exc
         yield batch
+
+
+def rechunk(
+    batches: Iterable[Any], chunk_size: int, index: int, start: int, names: list[str]
+) -> Iterator[Chunk]:
+    """Chunks of exactly ``chunk_size`` rows (the last may be shorter) from Arrow record
+    batches of any sizes; the first is chunk ``index``, starting at row ``start``."""
+    pa, _ = _import_pyarrow()
+    pending: list[Any] = []
+    pending_rows = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        while pending_rows >= chunk_size:
+            table = pa.Table.from_batches(pending)
+            yield _arrow_chunk(index, start, table.slice(0, chunk_size), names)
+            pending = table.slice(chunk_size).to_batches()
+            pending_rows -= chunk_size
+            index += 1
+            start += chunk_size
+    if pending_rows:
+        yield _arrow_chunk(index, start, pa.Table.from_batches(pending), names)
 
 
 def _arrow_chunk(index: int, start: int, table: Any, names: list[str]) -> Chunk:
