@@ -1122,7 +1122,9 @@ class Batcher(Generic[In, Out]):
         # and only this thread settles them now (this method, or the caller's own
         # _give_up). Holding the lock would make a slot thread that wants to form the
         # next batch block on it, and then wait for the GIL through the loop's whole
-        # burst of work: the model would stand still.
+        # burst of work: the model would stand still. (The loop is _settle_locked's,
+        # specialised: one kind of waiter, set at once; a shared per-record helper
+        # would cost a call per item on this path.)
         waits = [started - record.enqueued for record in batch]
         settled = failed = 0
         for record, outcome in zip(batch, outcomes, strict=True):
