@@ -486,3 +486,24 @@ async def test_http_openapi_json_has_each_models_schemas(client: Client) -> None
     assert body["properties"]["input"]["x-dtype"] == "float32"
     assert "429" in route["responses"]
     assert "/jobs" in document["paths"]
+
+
+@pytest.mark.anyio
+async def test_http_v2_an_empty_batch_is_refused_and_a_scalar_keeps_no_batch_axis(
+    client: Client,
+) -> None:
+    # No item: nothing says what the outputs' datatype or shape would be, so a clear
+    # 400 instead of a guessed tensor.
+    empty = {"inputs": [{"name": "x", "shape": [0, 3], "datatype": "FP32", "data": []}]}
+    response = await client("POST", "/v2/models/double/infer", json=empty)
+    assert response.status_code == 400
+    assert "first) dimension of the inputs is 0" in response.json()["error"]
+    # A 0-d input is one item, and its output comes back without a batch axis.
+    scalar = {"inputs": [{"name": "x", "shape": [], "datatype": "INT64", "data": [21]}]}
+    response = await client("POST", "/v2/models/double/infer", json=scalar)
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert (output["shape"], output["datatype"], output["data"]) == ([], "INT64", [42])
+    batched = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [21]}]}
+    (output,) = (await client("POST", "/v2/models/double/infer", json=batched)).json()["outputs"]
+    assert (output["shape"], output["data"]) == ([1], [42])

@@ -521,7 +521,9 @@ class Service:
         if isinstance(result, BaseException):
             return self.error(result)
         try:
-            tensors = _outputs(result)
+            # Inputs without a batch dimension (0-d tensors) are one item, and the
+            # outputs lose the batch dimension again: a scalar in, no batch axis out.
+            tensors = _outputs(result, scalar=all(not t.shape for t in infer.inputs))
             wanted = [o.name for o in infer.outputs]
             if wanted:
                 unknown = [n for n in wanted if n not in {t.name for t in tensors}]
@@ -719,6 +721,10 @@ def _rows(infer: Any, *, named: bool = False) -> list[Any]:
             + ", ".join(f"{t.name}: {list(t.shape)}" for t in tensors)
         )
     (n,) = sizes
+    if n == 0:
+        # No item, so the model never runs and nothing says what its outputs would be
+        # (their datatype, their other dimensions): refused rather than guessed.
+        raise _v2.V2Error("the batch (first) dimension of the inputs is 0: send at least one item")
     if len(tensors) == 1 and not named:
         data = tensors[0].data
         return [data[i] for i in range(n)] if data.ndim else [data.item()]
@@ -727,13 +733,21 @@ def _rows(infer: Any, *, named: bool = False) -> list[Any]:
     ]
 
 
-def _outputs(values: list[Any]) -> list[Any]:
-    """Output tensors from a list of per-item outputs (pydantic models count as dicts)."""
+def _outputs(values: list[Any], *, scalar: bool = False) -> list[Any]:
+    """Output tensors from a list of per-item outputs (pydantic models count as dicts);
+    with ``scalar``, the one item's outputs without a batch dimension."""
     values = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in values]
+
+    def tensor(name: str, items: list[Any]) -> Any:
+        array = _stack(items)
+        if scalar and len(array) == 1:
+            array = array.reshape(array.shape[1:])
+        return _v2.tensor_from_array(name, array)
+
     if values and all(isinstance(v, dict) for v in values):
         names = list(dict.fromkeys(k for v in values for k in v))
-        return [_v2.tensor_from_array(str(n), _stack([v.get(n) for v in values])) for n in names]
-    return [_v2.tensor_from_array("output", _stack(values))]
+        return [tensor(str(n), [v.get(n) for v in values]) for n in names]
+    return [tensor("output", values)]
 
 
 def _stack(values: list[Any]) -> np.ndarray[Any, Any]:
