@@ -242,8 +242,11 @@ class Batcher(Generic[In, Out]):
         self._fn_loop_safe = True
         self._run_fn: Callable[[list[Any]], Any] | None = None  # fn as the slots run it
         self._inline_ok = False  # decided at start: a sync fn, no wait_for_full
-        # Decided at start: every item costs 1, shares any batch, needs no collation
-        # check at submission, and no timeout is imposed: asubmit's inlined hot path.
+        # Decided at start: every item costs 1 and may share any batch (no size_fn,
+        # group key or collation), so enqueueing and forming skip keys and costs.
+        self._uniform = False
+        # Decided at start: uniform items and no timeout imposed: asubmit's inlined
+        # hot path.
         self._plain = False
         # Whether asyncio callers' batches run on their loop (see _LOOP_SLOT_MAX_S), and
         # the loop that has a drain scheduled (None: none has).
@@ -314,12 +317,8 @@ class Batcher(Generic[In, Out]):
             fn = acollated(fn, self.collate) if is_async else collated(fn, self.collate)
         self._run_fn = fn
         self._inline_ok = not is_async and not self.wait_for_full and self.inline_max_s > 0
-        self._plain = (
-            self.size_fn is None
-            and self.group_key is None
-            and self.collate is None
-            and self.max_timeout_s is None
-        )
+        self._uniform = self.size_fn is None and self.group_key is None and self.collate is None
+        self._plain = self._uniform and self.max_timeout_s is None
         self._stacking = (
             type(self.collate) is Stack
             and not is_async
@@ -713,9 +712,10 @@ class Batcher(Generic[In, Out]):
         notify: bool = True,
     ) -> Pending:
         now = _monotonic()
-        if self.size_fn is None and self.group_key is None and self.collate is None:
+        if self._uniform:
             # The common case, kept short: this runs once per request on the caller's
             # thread (often the event loop, whose per-item work bounds throughput).
+            # Before start() it is False, and the general path makes the same record.
             record = Pending(
                 x, None if timeout_s is None else now + timeout_s, now, waiter, priority
             )
@@ -745,14 +745,7 @@ class Batcher(Generic[In, Out]):
             if self._state != _OPEN:
                 self._start_locked()  # raises Closed once close() has been called
             if self._depth >= self.max_queue:
-                self._rejected += 1
-                retry_after_s = self._retry_after_locked()
-                raise Overloaded(
-                    f"batcher {self.name!r} has {self._depth} items queued "
-                    f"(max_queue={self.max_queue}); retry after {retry_after_s:.3f} s, or add "
-                    "capacity (max_concurrent_batches, max_batch_size)",
-                    retry_after_s=retry_after_s,
-                )
+                raise self._overloaded_locked()
             if timeout_s is not None and timeout_s <= 0:
                 self._expired += 1
                 raise deadline_error(timeout_s)
@@ -972,7 +965,7 @@ class Batcher(Generic[In, Out]):
         batch: list[Pending] = []
         expired: list[Pending] = []
         now = _monotonic()
-        if self.size_fn is None and self.group_key is None and self.collate is None:
+        if self._uniform:
             # Every item costs 1 and all may share a batch: take from the head, drop the
             # expired. The common case, and on the slot's GIL-holding path.
             limit = self.max_batch_size
@@ -1196,13 +1189,16 @@ class Batcher(Generic[In, Out]):
         with self._lock:
             if self._state != _OPEN or self._depth < self.max_queue:
                 return None  # closed: the submission says so; or room was made
-            self._rejected += 1
-            retry_after_s = self._retry_after_locked()
-            depth = self._depth
+            return self._overloaded_locked()
+
+    def _overloaded_locked(self) -> Overloaded:
+        """The error of a submission to a full queue, counted as a rejection."""
+        self._rejected += 1
+        retry_after_s = self._retry_after_locked()
         return Overloaded(
-            f"batcher {self.name!r} has {depth} items queued (max_queue={self.max_queue}); "
-            f"retry after {retry_after_s:.3f} s, or add capacity (max_concurrent_batches, "
-            "max_batch_size)",
+            f"batcher {self.name!r} has {self._depth} items queued "
+            f"(max_queue={self.max_queue}); retry after {retry_after_s:.3f} s, or add "
+            "capacity (max_concurrent_batches, max_batch_size)",
             retry_after_s=retry_after_s,
         )
 
