@@ -54,6 +54,7 @@ from ._partitions import (
     _binary_lines,
     _LoneCR,
     _Reader,
+    csv_record_starts,
     default_partitions,
 )
 from ._sources import (
@@ -678,18 +679,7 @@ def _scan_csv(source: CSVFiles, chunk_size: int) -> _Scan:
             source.one(path)._header(reader)
             info = _FileInfo(path, consumed[0], reader.line_num, 0, plan[0], plan[1])
             had_rows, clean = False, True
-            while True:
-                lines_before, offset = reader.line_num, consumed[0]
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error:
-                    record, ok = ["?"], False
-                else:
-                    ok = True
-                if not record:
-                    continue
+            for offset, lines_before, ok in csv_record_starts(reader, consumed):
                 if not had_rows:
                     had_rows, clean = True, True
                     firsts.append(count // chunk_size)

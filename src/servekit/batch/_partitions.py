@@ -458,25 +458,11 @@ class _CSVReader(_Reader):
             width = len(header)
             # (offset, lines before) of every record that starts a chunk, where the
             # record before it parsed cleanly (the reader's state is fresh there).
-            starts, count, clean = [], 0, True
-            while True:
-                lines_before, offset = reader.line_num, consumed[0]
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error:
-                    if count % chunk_size == 0:
-                        starts.append((offset, lines_before) if clean else (-1, 0))
-                    count += 1
-                    clean = False
-                    continue
-                if not record:
-                    continue
+            starts, clean = [], True
+            for count, (offset, lines_before, ok) in enumerate(csv_record_starts(reader, consumed)):
                 if count % chunk_size == 0:
                     starts.append((offset, lines_before) if clean else (-1, 0))
-                count += 1
-                clean = True
+                clean = ok
         end = consumed[0]
         this = cls(
             path, source._columns, source._delimiter, source._encoding, names, width, positions
@@ -502,6 +488,23 @@ class _CSVReader(_Reader):
 
 class _LoneCR(Exception):
     """A CSV line holds a carriage return not followed by a newline."""
+
+
+def csv_record_starts(reader: Any, consumed: list[int]) -> Iterator[tuple[int, int, bool]]:
+    """(byte offset, lines before, parsed cleanly) of every non-empty record ``reader``
+    reads, where ``consumed[0]`` counts the bytes its lines have taken so far. A record
+    that fails to parse counts as a record (``csv.Error``: parsed cleanly False)."""
+    while True:
+        lines_before, offset = reader.line_num, consumed[0]
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield offset, lines_before, False
+            continue
+        if record:
+            yield offset, lines_before, True
 
 
 def _byte_partitions(
