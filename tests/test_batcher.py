@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -1046,6 +1048,49 @@ def test_stacked_at_submission_keeps_shapes_apart_casts_and_isolates_a_bad_item(
             assert value == 2.0 * i
         else:
             assert value == 3.0 * i
+
+
+@pytest.mark.parametrize("output", ["short", "objects", "scalar"])
+def test_stacked_at_submission_outputs_that_are_not_one_row_per_item(output: str) -> None:
+    # An array of one row per item is handed back as it is (its rows are the outputs);
+    # anything else is checked as ever: a wrong count fails the batch naming both counts,
+    # an exception in an object array fails only its item.
+    import asyncio
+
+    import numpy as np
+
+    def fn(batch: np.ndarray) -> object:
+        if output == "short":
+            return batch[:-1] * 2
+        if output == "scalar":
+            return np.asarray(batch.sum())  # 0-d
+        out = np.empty(len(batch), dtype=object)
+        for i, row in enumerate(batch):
+            out[i] = ValueError("negative") if row[0] < 0 else float(row[0])
+        return out
+
+    async def main() -> list[object]:
+        with contextlib.suppress(sk.BatchContractError):
+            await b.asubmit(np.zeros(2, np.float32))  # sets the shape stacked at submission
+        items = [np.full(2, -1.0 if i == 5 else float(i), np.float32) for i in range(16)]
+        return list(await asyncio.gather(*(b.asubmit(x) for x in items), return_exceptions=True))
+
+    # inline_max_s=0: no item runs alone on the loop, so every one is stacked as it queues.
+    with Batcher(fn, collate=sk.Stack(), max_batch_size=16, inline_max_s=0) as b:
+        got = asyncio.run(main())
+    if output == "objects":
+        assert isinstance(got[5], sk.ModelError)
+        assert isinstance(got[5].__cause__, ValueError)
+        assert [value for i, value in enumerate(got) if i != 5] == [
+            float(i) for i in range(16) if i != 5
+        ]
+        return
+    assert all(isinstance(value, sk.BatchContractError) for value in got)
+    if output == "short":  # whatever batches formed, each was answered one row short
+        for value in got:
+            counts = re.search(r"returned (\d+) outputs for a batch of (\d+) inputs", str(value))
+            assert counts is not None
+            assert int(counts[1]) == int(counts[2]) - 1
 
 
 def test_stacked_at_submission_a_cancelled_item_leaves_a_hole_that_is_not_sent() -> None:

@@ -61,7 +61,7 @@ from ._batch_records import (
     unwrap,
 )
 from ._collate import Collate, Stack, acollated, collated
-from ._outcome import Failure, arun_batch, deadline_error, run_batch, to_model_error
+from ._outcome import Failure, arun_batch, deadline_error, isolate, run_batch, to_model_error
 from ._waker import AsyncWaiter, SyncWaiter, Waiter, make_async_waiter, wake_all
 from .errors import Cancelled, Closed, DeadlineExceeded, InvalidInput, Overloaded
 from .metrics import LatencyWindow
@@ -258,8 +258,11 @@ class Batcher(Generic[In, Out]):
         self._stack_key: Any = None
         self._stack_shape: Any = None
         self._stack_dtype: Any = None
-        self._buf: Any = None
+        self._buf: Any = None  # the buffer new rows go to
+        # Rows reserved so far, over all buffers: row r is row r % _buf_len of the buffer
+        # made when r was a multiple of _buf_len.
         self._buf_rows = 0
+        self._buf_len = _STACK_BUFFER_BATCHES * max(1, int(max_batch_size))
         #: The name used in thread names and messages.
         self.name: str = name or f"{getattr(fn, '__name__', 'batcher')}-{next(_names)}"
         self._lock = threading.Lock()
@@ -542,62 +545,89 @@ class Batcher(Generic[In, Out]):
     def _stack(self, record: Pending) -> None:
         """Copy a stacking item into the open batch buffer (submit-side collation).
 
-        A batch whose items sit in consecutive rows of one buffer reaches the model as
-        a view of those rows, with no copy on the slot thread, whose serial work bounds
+        A batch whose items sit in consecutive rows reaches the model as a view of
+        those rows, with no copy on the slot thread, whose serial work bounds
         throughput (np.stack of 32 small arrays costs about as much as 2 µs per item).
         Rows are written once and never reused, so a batch, or an output that is a view
         of it, is never overwritten by later items.
         """
         with self._lock:  # only to reserve the row: the copy runs unlocked
-            buf = self._buf
             row = self._buf_rows
-            if buf is None or row == len(buf):
+            if row % self._buf_len == 0:
                 # Room for a few batches: a batch spanning two buffers costs a concatenate.
-                rows = _STACK_BUFFER_BATCHES * self.max_batch_size
-                buf = self._buf = np.empty((rows, *self._stack_shape), self._stack_dtype)
-                row = 0
+                self._buf = np.empty((self._buf_len, *self._stack_shape), self._stack_dtype)
+            buf = self._buf
             self._buf_rows = row + 1
         # The record is not queued yet, so no batch can take the row before it is filled.
         # Records queued out of row order (callers on two loops) only split the batch
-        # into more slices (_prebuilt).
-        buf[row] = record.item
+        # into more slices (_batch_array).
+        buf[row % self._buf_len] = record.item
         record.buf = buf
         record.row = row
 
-    def _prebuilt(self, batch: list[Pending], items: list[Any]) -> Callable[[list[Any]], Any]:
-        """The function a stacking batch runs: the collated ``fn``, given the batch array
-        made from the items' buffer rows when every item has one (else it collates).
+    def _batch_array(self, batch: list[Pending]) -> Any:
+        """The batch array of a stacking batch, made from its items' buffer rows; None
+        when an item has no row (it was stacked at formation: collate them all there).
 
-        Rows of one buffer in a row are one slice; a batch of one slice is a view (no
-        copy at all), one across buffers is joined by one ``np.concatenate``.
+        Consecutive rows (the common case, one loop's callers) are a view of one buffer,
+        or one ``np.concatenate`` of two; otherwise each run of consecutive rows is a
+        slice and the slices are joined.
         """
-        run_fn = self._run_fn
-        assert run_fn is not None
+        first = batch[0]
+        start = first.row
+        n = len(batch)
+        size = self._buf_len
+        if start >= 0 and [record.row for record in batch] == list(range(start, start + n)):
+            low = start % size
+            if low + n <= size:
+                return first.buf[low : low + n]
+            return np.concatenate((first.buf[low:], batch[-1].buf[: low + n - size]))
         slices: list[Any] = []
         buf: Any = None
         start = last = 0
         for record in batch:
             own = record.buf
             if own is None:
-                return run_fn  # an item stacked at formation: collate them all there
+                return None
             if own is buf and record.row == last + 1:
                 last += 1
                 continue
             if buf is not None:
-                slices.append(buf[start : last + 1])
+                slices.append(buf[start % size : last % size + 1])
             buf, start, last = own, record.row, record.row
-        slices.append(buf[start : last + 1])
-        array = slices[0] if len(slices) == 1 else np.concatenate(slices)
+        slices.append(buf[start % size : last % size + 1])
+        return slices[0] if len(slices) == 1 else np.concatenate(slices)
+
+    def _run_stacked(self, batch: list[Pending], items: list[Any]) -> Any:
+        """Outcomes of a stacking batch: the model on the batch array made at submission.
+
+        An array of outputs (not of objects) with one row per item is returned as it
+        is: its rows are taken as views where the callers are settled, so the slot
+        thread does nothing per item. Other outputs are split by the collation, and a
+        failure is isolated as :func:`run_batch` does, sub-batches collated anew.
+        """
+        run_fn = self._run_fn
+        assert run_fn is not None
+        array = self._batch_array(batch)
+        if array is None:
+            return run_batch(run_fn, items)
         fn, collate = self._fn, self.collate
         assert fn is not None
         assert collate is not None
-
-        def call(sub: list[Any]) -> Any:
-            if sub is not items:  # a part of the batch, after a failure: collate it
-                return run_fn(sub)
-            return collate.split(fn(array), array, len(sub))  # type: ignore[arg-type]  # fn takes the collated batch
-
-        return call
+        n = len(items)
+        try:
+            out = fn(array)
+            if (
+                type(out) is _NDARRAY
+                and out.ndim
+                and len(out) == n
+                and out.dtype.kind != "O"  # an object array may hold exceptions
+            ):
+                return out
+            result: Any = collate.split(out, array, n)
+        except Exception as exc:
+            result = exc
+        return isolate(run_fn, items, result)
 
     def _drain_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run one batch on this event loop (cheap batches, see _LOOP_SLOT_MAX_S), then
@@ -1053,7 +1083,9 @@ class Batcher(Generic[In, Out]):
                 # A Predictor's back end: outcomes already per item, and what ran them.
                 outcomes, tag = fn(items)
             elif loop is None:
-                outcomes = run_batch(self._prebuilt(batch, items) if self._stacking else fn, items)
+                outcomes = (
+                    self._run_stacked(batch, items) if self._stacking else run_batch(fn, items)
+                )
             else:
                 outcomes = loop.run_until_complete(arun_batch(fn, items))
         except BaseException as exc:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import BatchContractError, DeadlineExceeded, ModelError, ServekitError
 
-__all__ = ["Failure", "arun_batch", "deadline_error", "run_batch", "to_model_error"]
+__all__ = ["Failure", "arun_batch", "deadline_error", "isolate", "run_batch", "to_model_error"]
 
 
 @dataclass(slots=True)
@@ -90,9 +90,15 @@ def run_batch(predict: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         result: Any = predict(items)
     except Exception as exc:
         result = exc
-    else:
-        if _clean(result, len(items)):
-            return result  # type: ignore[no-any-return]  # the fast path: no plan needed
+    return isolate(predict, items, result)
+
+
+def isolate(predict: Callable[[Any], Any], items: Sequence[Any], result: Any) -> list[Any]:
+    """The outcomes of ``items``, given ``result``: what ``predict(items)`` just returned
+    or raised. Items of a batch that raised are retried in halves until the failing
+    ones are alone (the plan of :func:`run_batch`)."""
+    if _clean(result, len(items)):
+        return result  # type: ignore[no-any-return]  # the fast path: no plan needed
     plan = _plan(len(items))
     next(plan)  # the plan starts with the whole batch, which has just been called
     try:
