@@ -598,7 +598,7 @@ class Batcher(Generic[In, Out]):
         slices.append(buf[start % size : last % size + 1])
         return slices[0] if len(slices) == 1 else np.concatenate(slices)
 
-    def _run_stacked(self, batch: list[Pending], items: list[Any]) -> Any:
+    def _run_stacked(self, batch: list[Pending]) -> Any:
         """Outcomes of a stacking batch: the model on the batch array made at submission.
 
         An array of outputs (not of objects) with one row per item is returned as it
@@ -610,11 +610,11 @@ class Batcher(Generic[In, Out]):
         assert run_fn is not None
         array = self._batch_array(batch)
         if array is None:
-            return run_batch(run_fn, items)
+            return run_batch(run_fn, [record.item for record in batch])
         fn, collate = self._fn, self.collate
         assert fn is not None
         assert collate is not None
-        n = len(items)
+        n = len(batch)
         try:
             out = fn(array)
             if (
@@ -627,7 +627,7 @@ class Batcher(Generic[In, Out]):
             result: Any = collate.split(out, array, n)
         except Exception as exc:
             result = exc
-        return isolate(run_fn, items, result)
+        return isolate(run_fn, [record.item for record in batch], result)
 
     def _drain_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run one batch on this event loop (cheap batches, see _LOOP_SLOT_MAX_S), then
@@ -1074,20 +1074,21 @@ class Batcher(Generic[In, Out]):
         loop: asyncio.AbstractEventLoop | None,
         batch: list[Pending],
     ) -> None:
-        items = [record.item for record in batch]
         started = _monotonic()
         running_batch.records = batch
         tag: Any = None
         try:
-            if self._fn_isolates:
-                # A Predictor's back end: outcomes already per item, and what ran them.
-                outcomes, tag = fn(items)
-            elif loop is None:
-                outcomes = (
-                    self._run_stacked(batch, items) if self._stacking else run_batch(fn, items)
-                )
+            if self._stacking:  # a sync fn of arrays, never a Predictor's back end
+                outcomes = self._run_stacked(batch)
             else:
-                outcomes = loop.run_until_complete(arun_batch(fn, items))
+                items = [record.item for record in batch]
+                if self._fn_isolates:
+                    # A Predictor's back end: outcomes already per item, and what ran them.
+                    outcomes, tag = fn(items)
+                elif loop is None:
+                    outcomes = run_batch(fn, items)
+                else:
+                    outcomes = loop.run_until_complete(arun_batch(fn, items))
         except BaseException as exc:
             # run_batch isolates Exceptions; this is SystemExit or the like raised by fn.
             # Fail this batch's callers and keep the slot alive: a dead worker thread would
@@ -1097,8 +1098,9 @@ class Batcher(Generic[In, Out]):
             running_batch.records = None
         elapsed = _monotonic() - started
         # Callers all awaiting on one asyncio loop (the common case under load) are
-        # settled on that loop, in one call: the slot thread, whose serial work bounds
-        # throughput, then does nothing per item after the batch function returns.
+        # settled on that loop, in one call, and the batch is accounted for there: the
+        # slot thread, whose serial work bounds throughput, then does nothing per item
+        # after the batch function returns, and only frees its slot under the lock.
         loop = _single_loop(batch)
         with self._lock:
             self._running -= 1
@@ -1106,31 +1108,20 @@ class Batcher(Generic[In, Out]):
                 # A slot is free again (a caller ran its own batch); with a drain
                 # scheduled on a loop, that drain takes what is queued.
                 self._ready.notify()
-            self._batches += 1
-            self._items += len(batch)
-            self._sizes[len(batch)] += 1
-            self._run_time.record(elapsed)
-            self._busy_s += elapsed
-            self._batch_s = batch_s = (
-                elapsed
-                if self._batch_s <= 0.0
-                else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
-            )
-            self._loop_slot = (
-                self._inline_ok
-                and self._fn_loop_safe
-                and batch_s <= min(self.inline_max_s, _LOOP_SLOT_MAX_S)
-            )
             if loop is None:
+                self._account_locked(len(batch), elapsed)
                 head, others = self._settle_locked(batch, outcomes, tag, started)
         if loop is not None:
             if loop is _get_running_loop():
-                self._settle_on_loop(batch, outcomes, tag, started)
+                self._settle_on_loop(batch, outcomes, tag, started, elapsed)
                 return
             try:
-                loop.call_soon_threadsafe(self._settle_on_loop, batch, outcomes, tag, started)
+                loop.call_soon_threadsafe(
+                    self._settle_on_loop, batch, outcomes, tag, started, elapsed
+                )
             except RuntimeError:  # the loop is closed: nobody waits, but account for them
                 with self._lock:
+                    self._account_locked(len(batch), elapsed)
                     self._settle_locked(batch, outcomes, tag, started)
             return
         if head is not None:
@@ -1138,8 +1129,32 @@ class Batcher(Generic[In, Out]):
         if others:
             wake_all(others)
 
+    def _account_locked(self, size: int, elapsed: float) -> None:
+        """Count a finished batch of ``size`` items that ran ``elapsed`` seconds, and
+        decide from the moving average of durations where asyncio callers' batches run."""
+        self._batches += 1
+        self._items += size
+        self._sizes[size] += 1
+        self._run_time.record(elapsed)
+        self._busy_s += elapsed
+        self._batch_s = batch_s = (
+            elapsed
+            if self._batch_s <= 0.0
+            else self._batch_s + _EWMA_ALPHA * (elapsed - self._batch_s)
+        )
+        self._loop_slot = (
+            self._inline_ok
+            and self._fn_loop_safe
+            and batch_s <= min(self.inline_max_s, _LOOP_SLOT_MAX_S)
+        )
+
     def _settle_on_loop(
-        self, batch: list[Pending], outcomes: list[Any], tag: Any, started: float
+        self,
+        batch: list[Pending],
+        outcomes: list[Any],
+        tag: Any,
+        started: float,
+        elapsed: float,
     ) -> None:
         """Settle a batch whose callers all await futures of the loop running this, and
         wake them (futures are set outside the lock: each costs a loop callback)."""
@@ -1166,6 +1181,7 @@ class Batcher(Generic[In, Out]):
             except asyncio.InvalidStateError:
                 pass  # its caller was cancelled meanwhile: its task gives up the record
         with self._lock:
+            self._account_locked(len(batch), elapsed)
             self._queue_wait.record_many(waits)
             self._failed += failed
             self._succeeded += settled - failed
