@@ -304,6 +304,89 @@ async def test_asgi_client_disconnect_cancels_the_queued_item() -> None:
     assert statuses == [200]  # nothing was sent to the client that left
 
 
+def _predict_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+
+
+def test_asgi_on_asyncio_the_disconnect_watcher_ends_with_its_request() -> None:
+    # On asyncio the watcher is a bare task (no task group): after the answer it is
+    # cancelled, and gone one loop pass later; a receive() that fails while watching
+    # does not fail the request; a request cancelled from outside stays cancelled.
+    import asyncio
+
+    predictor = sk.Predictor(double, batcher=sk.Batcher(max_batch_size=4))
+    app = create_asgi_app(predictor, lifespan=False)
+
+    async def request(receive_fails: bool) -> list[dict[str, Any]]:
+        messages = [{"type": "http.request", "body": b'{"input": 2}', "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            if receive_fails:
+                raise RuntimeError("the server's receive broke")
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(_predict_scope(), receive, send)
+        return sent
+
+    async def main() -> None:
+        before = asyncio.all_tasks()
+        for receive_fails in (False, True, False):
+            sent = await request(receive_fails)
+            assert sent[0]["status"] == 200
+            assert json.loads(sent[1]["body"])["output"] == 4
+        await asyncio.sleep(0)  # the cancelled watchers finish on this pass
+        assert asyncio.all_tasks() == before
+
+        release = threading.Event()
+        slow = sk.Predictor(Slow(delay_s=0.0, release=release), batcher=sk.Batcher())
+        slow_app = create_asgi_app(slow, lifespan=False)
+
+        async def never() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def ignore(message: dict[str, Any]) -> None:
+            raise AssertionError("a cancelled request sends nothing")
+
+        async def slow_request() -> None:
+            messages = [{"type": "http.request", "body": b'{"input": 1}', "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop() if messages else await never()
+
+            await slow_app(_predict_scope(), receive, ignore)
+
+        slow.start()
+        try:
+            task = asyncio.ensure_future(slow_request())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            release.set()
+            await slow.aclose()
+
+    predictor.start()
+    try:
+        asyncio.run(main())
+    finally:
+        predictor.close()
+
+
 @pytest.mark.anyio
 async def test_asgi_lifespan_starts_and_drains() -> None:
     predictor = sk.Predictor(double)

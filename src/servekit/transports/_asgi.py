@@ -21,6 +21,7 @@ FastAPI or Starlette (``app.mount("/ml", create_asgi_app(predictor))``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -37,6 +38,8 @@ from ._core import Call, HTTPRequest, HTTPResponse, Service, route_name
 __all__ = ["ASGIApp", "create_asgi_app"]
 
 _log = logging.getLogger("servekit.transports")
+# The running asyncio loop, or None (trio): no exception to catch.
+_get_running_loop = asyncio._get_running_loop
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -191,6 +194,8 @@ async def _run(call: Call, receive: Receive) -> HTTPResponse | None:
             return call.finish(await call.run_async())
         except Exception as exc:
             return call.finish(exc)
+    if _get_running_loop() is not None:
+        return await _run_on_asyncio(call, receive)
     result: Any = None
     disconnected = False
     async with anyio.create_task_group() as group:
@@ -211,6 +216,44 @@ async def _run(call: Call, receive: Receive) -> HTTPResponse | None:
             result = exc
         finally:
             group.cancel_scope.cancel()
+    if disconnected:
+        return None
+    return call.finish(result)
+
+
+async def _run_on_asyncio(call: Call, receive: Receive) -> HTTPResponse | None:
+    """:func:`_run` on asyncio: the watcher is a bare task, cancelled when the call ends.
+
+    A task group costs about 120 µs of loop time per request (starting its task,
+    cancelling its scope and waiting for the watcher to finish take several loop
+    passes), twice the rest of a batched request's work. Here the call runs in a
+    cancel scope that only a disconnect cancels; the watcher is cancelled without
+    waiting for it, and ends on the loop's next pass.
+    """
+    result: Any = None
+    disconnected = False
+    with anyio.CancelScope() as scope:
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while True:
+                try:
+                    message = await receive()
+                except Exception:  # the server's receive failed: nothing more to watch
+                    _log.debug("receive() raised while watching for a disconnect", exc_info=True)
+                    return
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    scope.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            result = await call.run_async()
+        except Exception as exc:
+            result = exc
+        finally:
+            watcher.cancel()
     if disconnected:
         return None
     return call.finish(result)
