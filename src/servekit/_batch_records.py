@@ -118,8 +118,8 @@ class Pending:
     tag: Any = None  # what the attached fn said ran the batch (a Predictor: the version)
     settled: bool = False  # set once, with outcome, under the Batcher's lock
     outcome: Any = None  # the output, or a Failure
-    buf: Any = None  # a Stack batcher's buffer holding a copy of item (see Batcher._stack)
-    row: int = -1  # its row number over all the buffers (see Batcher._stack); -1: none
+    buf: Any = None  # a Stack batcher's buffer holding a copy of item (see Batcher._new_buffer)
+    row: int = -1  # its row number over all the buffers (see Batcher._new_buffer); -1: none
 
 
 def unwrap(outcome: Any) -> Any:

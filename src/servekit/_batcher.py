@@ -91,7 +91,7 @@ _EWMA_ALPHA = 0.2
 # each tens of microseconds on a busy or virtual machine, which is more than such a
 # batch takes. Longer batches go to the slots, so the loop works while the model runs.
 _LOOP_SLOT_MAX_S = 50e-6
-# Batches' worth of rows in one buffer of a stacking batcher (see Batcher._stack).
+# Batches' worth of rows in one buffer of a stacking batcher (see Batcher._new_buffer).
 _STACK_BUFFER_BATCHES = 4
 
 _names = iter(range(1, 1 << 62))
@@ -252,7 +252,7 @@ class Batcher(Generic[In, Out]):
         # the loop that has a drain scheduled (None: none has).
         self._loop_slot = False
         self._drain_loop: asyncio.AbstractEventLoop | None = None
-        # Decided at start: a Stack collation done at submission (see _stack),
+        # Decided at start: a Stack collation done at submission (see _new_buffer),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
         self._stacking = False
         self._stack_key: Any = None
@@ -509,13 +509,23 @@ class Batcher(Generic[In, Out]):
             future: asyncio.Future[None] = _FUTURE(loop=loop)
             now = _monotonic()
             record = Pending(x, None, now, future, priority, self._stack_key)
-            if self._stacking:
-                self._stack(record)  # copied before the record is queued, outside the lock
             with self._lock:
                 level = self._levels.get(priority)
                 queued = self._state == _OPEN and self._depth < self.max_queue and level is not None
                 drain = False
                 if queued:
+                    if self._stacking:
+                        # Copied into the next buffer row (see _new_buffer) under the
+                        # lock, which only the slot threads contend for, once a batch:
+                        # one lock section per request instead of two. Before it is
+                        # queued, so no batch can take the row before it is filled.
+                        row = self._buf_rows
+                        if row % self._buf_len == 0:
+                            self._buf = self._new_buffer()
+                        self._buf_rows = row + 1
+                        buf = record.buf = self._buf
+                        buf[row % self._buf_len] = x
+                        record.row = row
                     record.seq = self._formed
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
                     self._depth += 1
@@ -542,28 +552,19 @@ class Batcher(Generic[In, Out]):
         result: Out = outcome
         return result
 
-    def _stack(self, record: Pending) -> None:
-        """Copy a stacking item into the open batch buffer (submit-side collation).
+    def _new_buffer(self) -> Any:
+        """A new buffer for a stacking batcher's rows (submit-side collation).
 
+        ``asubmit`` copies an asyncio caller's array into the next row as it queues it.
         A batch whose items sit in consecutive rows reaches the model as a view of
         those rows, with no copy on the slot thread, whose serial work bounds
         throughput (np.stack of 32 small arrays costs about as much as 2 µs per item).
         Rows are written once and never reused, so a batch, or an output that is a view
-        of it, is never overwritten by later items.
+        of it, is never overwritten by later items. Records queued out of row order
+        only split the batch into more slices (_batch_array). The buffer has room for
+        a few batches: a batch spanning two buffers costs a concatenate.
         """
-        with self._lock:  # only to reserve the row: the copy runs unlocked
-            row = self._buf_rows
-            if row % self._buf_len == 0:
-                # Room for a few batches: a batch spanning two buffers costs a concatenate.
-                self._buf = np.empty((self._buf_len, *self._stack_shape), self._stack_dtype)
-            buf = self._buf
-            self._buf_rows = row + 1
-        # The record is not queued yet, so no batch can take the row before it is filled.
-        # Records queued out of row order (callers on two loops) only split the batch
-        # into more slices (_batch_array).
-        buf[row % self._buf_len] = record.item
-        record.buf = buf
-        record.row = row
+        return np.empty((self._buf_len, *self._stack_shape), self._stack_dtype)
 
     def _batch_array(self, batch: list[Pending]) -> Any:
         """The batch array of a stacking batch, made from its items' buffer rows; None
