@@ -782,6 +782,77 @@ def test_caller_threads_of_a_batch_are_all_woken_even_if_one_left() -> None:
     assert sorted(map(str, calls[0])) == sorted(map(str, [*range(6), "leaves"]))
 
 
+def test_a_caller_thread_interrupted_while_its_batch_runs_leaves_and_the_rest_are_woken(
+    interrupt: Any,
+) -> None:
+    # A signal handler that raises (Ctrl-C's KeyboardInterrupt) interrupts the main
+    # thread's wait: it gives its item up, and the other callers of the batch, which
+    # the interrupted caller would have woken in turn, still get their results.
+    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    with batcher, ThreadPoolExecutor(4) as pool:
+
+        def others_then_interrupt() -> list[Future[Any]]:
+            _wait_depth(batcher, 1)  # the main thread's item heads the queue
+            futures = [pool.submit(batcher.submit, i) for i in range(3)]
+            _wait_running(batcher)
+            interrupt()
+            return futures
+
+        helper = pool.submit(others_then_interrupt)
+        with pytest.raises(interrupt.error):
+            batcher.submit("interrupted")
+        futures = helper.result(timeout=WAIT_S)
+        release.set()
+        assert [f.result(timeout=WAIT_S) for f in futures] == [0, 1, 2]
+        assert batcher.submit("after") == "after"
+        stats = batcher.statistics()
+    assert calls[0] == ["interrupted", 0, 1, 2]
+    assert stats.cancelled == 1
+    assert stats.succeeded == 4  # 0, 1, 2 and "after": the interrupted item's result dropped
+
+
+def test_a_caller_thread_interrupted_after_its_result_came_still_wakes_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The interruption lands just as the caller is woken: its record was settled and
+    # linked to the next caller thread of the batch, whom it must wake on its way out.
+    class Raised(Exception):
+        pass
+
+    class InterruptedOnWaking(_batcher.SyncWaiter):
+        def wait(self, timeout_s: float | None) -> bool:
+            woken = super().wait(timeout_s)
+            if threading.current_thread().name == "interrupted":
+                raise Raised
+            return woken
+
+    monkeypatch.setattr(_batcher, "SyncWaiter", InterruptedOnWaking)
+    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    with batcher, ThreadPoolExecutor(8) as pool:
+        futures = []
+        for i in range(3):
+            futures.append(pool.submit(batcher.submit, i))
+            _wait_depth(batcher, i + 1)
+        raised: list[BaseException] = []
+
+        def interrupted() -> None:
+            try:
+                batcher.submit("interrupted")
+            except Raised as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=interrupted, name="interrupted")
+        thread.start()
+        _wait_depth(batcher, 4)
+        futures += [pool.submit(batcher.submit, i) for i in range(3, 6)]
+        _wait_running(batcher)
+        release.set()
+        assert [f.result(timeout=WAIT_S) for f in futures] == list(range(6))
+        thread.join(WAIT_S)
+        assert len(raised) == 1
+    assert calls[0] == [0, 1, 2, "interrupted", 3, 4, 5]
+
+
 # -- a lone item runs on its caller's thread --------------------------------------------
 
 

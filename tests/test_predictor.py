@@ -176,6 +176,33 @@ def test_timeout_raises_deadline_exceeded_and_the_expired_item_never_runs() -> N
     assert ["late"] not in model.calls
 
 
+@pytest.mark.parametrize("way", ["predict", "predict_many", "batched predict_many"])
+def test_an_interrupted_caller_thread_drops_its_queued_items(interrupt: Any, way: str) -> None:
+    # Ctrl-C in a script waiting on predict: nothing it sent runs after it left, and the
+    # predictor serves the next caller as usual.
+    release = threading.Event()
+    model = Slow(release=release)
+    batcher = sk.Batcher(max_batch_size=8) if way.startswith("batched") else None
+    with sk.Predictor(model, backend=sk.Threads(1), batcher=batcher) as p:
+        with ThreadPoolExecutor(1) as pool:
+            blocker = pool.submit(p.predict, "blocker")
+            assert model.entered.wait(5)
+            threading.Thread(target=interrupt).start()
+            call = (
+                (lambda: p.predict("interrupted"))
+                if way == "predict"
+                else (lambda: p.predict_many(["interrupted", "too"]))
+            )
+            with pytest.raises(interrupt.error):
+                call()
+            release.set()
+            assert blocker.result(timeout=5) == "blocker"
+        assert p.predict("after") == "after"
+        if batcher is not None:
+            assert batcher.statistics().cancelled == 2
+    assert model.calls == [["blocker"], ["after"]]
+
+
 @pytest.mark.anyio
 async def test_cancelled_async_caller_drops_its_queued_item() -> None:
     release = threading.Event()

@@ -87,7 +87,8 @@ class BatcherStatistics:
     rejected: int
     #: Items whose ``timeout_s`` passed before a result (``DeadlineExceeded``).
     expired: int
-    #: Items whose async caller was cancelled before a result.
+    #: Items whose async caller was cancelled, or whose caller thread was interrupted
+    #: (a signal handler raised in its wait), before a result.
     cancelled: int
     #: Items failed with ``Closed`` because the grace period of ``close`` ran out.
     closed: int

@@ -448,11 +448,25 @@ class Batcher(Generic[In, Out]):
                 return ran
         waiter = SyncWaiter()
         record = self._enqueue(x, timeout_s, waiter, priority)
-        if not waiter.wait(timeout_s):
+        try:
+            woken = waiter.wait(timeout_s)
+        except BaseException:
+            self._abandon([record])
+            raise
+        if not woken:
             self._give_up(record, deadline_error(timeout_s), expired=True)
         if record.chain is not None:
             record.chain.wake()
         return record
+
+    def _abandon(self, records: Iterable[Pending]) -> None:
+        """A caller thread's wait raised (a signal handler's KeyboardInterrupt, say):
+        give its records up, and pass on the wake-up each record a worker settled first
+        owes the next caller thread of its batch (without it they would wait forever)."""
+        for record in records:
+            self._give_up(record, Cancelled("the caller was interrupted while it waited"))
+            if record.chain is not None:  # final: linked under the lock _give_up took
+                record.chain.wake()
 
     def _outcomes(self, xs: Iterable[Any], timeout_s: float | None, priority: int) -> list[Any]:
         """Submit many items at once, then wait for all: one outcome per item, in order.
@@ -469,13 +483,18 @@ class Batcher(Generic[In, Out]):
             except (Overloaded, Closed, InvalidInput, DeadlineExceeded) as exc:
                 records.append(Failure(exc))
         outcomes: list[Any] = []
-        for record in records:
+        for index, record in enumerate(records):
             if isinstance(record, Failure):
                 outcomes.append(record)
                 continue
             remaining = None if deadline is None else deadline - _monotonic()
             assert isinstance(record.waiter, SyncWaiter)
-            if not record.waiter.wait(remaining):
+            try:
+                woken = record.waiter.wait(remaining)
+            except BaseException:
+                self._abandon(r for r in records[index:] if type(r) is Pending)
+                raise
+            if not woken:
                 self._give_up(record, deadline_error(timeout_s), expired=True)
             if record.chain is not None:
                 record.chain.wake()

@@ -575,7 +575,12 @@ class Predictor(Generic[In, Out]):
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         call = _Call(SyncWaiter(), deadline)
         backend.submit(Task(items, call.done, call.check))
-        if not call.waiter.wait(timeout_s):
+        try:
+            woken = call.waiter.wait(timeout_s)
+        except BaseException:
+            call.abandoned = True  # interrupted (KeyboardInterrupt): skipped if not started
+            raise
+        if not woken:
             call.abandoned = True
             raise deadline_error(timeout_s)
         assert call.outcomes is not None
@@ -698,14 +703,19 @@ class Predictor(Generic[In, Out]):
         for call, chunk in zip(calls, chunks, strict=True):
             backend.submit(Task(chunk, call.done, call.check))
         results: list[Any] = []
-        for call, chunk in zip(calls, chunks, strict=True):
-            remaining = None if deadline is None else deadline - _monotonic()
-            if call.waiter.wait(remaining):
-                assert call.outcomes is not None
-                results.extend(call.outcomes)
-            else:
+        try:
+            for call, chunk in zip(calls, chunks, strict=True):
+                remaining = None if deadline is None else deadline - _monotonic()
+                if call.waiter.wait(remaining):
+                    assert call.outcomes is not None
+                    results.extend(call.outcomes)
+                else:
+                    call.abandoned = True
+                    results.extend([Failure(deadline_error(timeout_s))] * len(chunk))
+        except BaseException:  # interrupted (KeyboardInterrupt): chunks not started are skipped
+            for call in calls:
                 call.abandoned = True
-                results.extend([Failure(deadline_error(timeout_s))] * len(chunk))
+            raise
         return results
 
     async def _many_async(
