@@ -1,5 +1,5 @@
-"""The process back end under crashes: rows EX-02, EX-03, EX-04, EX-06 and EX-07 of the
-reliability catalog."""
+"""The process back end under crashes and recycling: rows EX-02, EX-03, EX-04, EX-06,
+EX-07 and EX-09 of the reliability catalog."""
 
 from __future__ import annotations
 
@@ -256,3 +256,60 @@ def test_a_batch_of_same_shape_arrays_travels_stacked_and_comes_back_as_rows() -
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out, np.full(4, 2 * i, dtype=np.float32))
         assert out.flags.writeable
+
+
+class Pids(sk.Model[Any, Any]):
+    """Answers each item with the pid of the worker that ran it; load() takes ``load_s``."""
+
+    def __init__(self, load_s: float = 0.0) -> None:
+        self.load_s = load_s
+
+    def load(self) -> None:
+        time.sleep(self.load_s)
+
+    def predict(self, batch: list[Any]) -> list[Any]:
+        return [(x, os.getpid()) for x in batch]
+
+
+def test_ex09_workers_are_recycled_between_batches_and_no_request_fails() -> None:
+    backend = sk.Processes(2, max_tasks_per_child=3)
+    with sk.Predictor(Pids(), backend=backend) as p:
+        first = set(backend.worker_pids())
+        seen: set[int] = set()
+        deadline = time.monotonic() + 90
+
+        def client(k: int) -> int:
+            i = 0
+            while backend.recycled < 20:
+                assert time.monotonic() < deadline, "fewer than 20 recycles in 90 s"
+                x = k * 1_000_000 + i
+                answer, pid = p.predict(x)  # a recycle that broke a batch would raise here
+                assert answer == x
+                seen.add(pid)
+                i += 1
+            return i
+
+        with ThreadPoolExecutor(4) as pool:
+            served = sum(pool.map(client, range(4)))
+        assert backend.recycled >= 20
+        assert backend.restarts == 0 and backend.healthy
+        assert p.statistics().errors == 0
+        assert len(seen) >= 20  # every recycled worker served before it went
+        # The recycled workers exit; two fresh ones remain.
+        _wait_until(lambda: len(backend.worker_pids()) == 2, 30)
+        assert not set(backend.worker_pids()) & first
+    assert served >= 20 * 3
+    assert _children() == set()
+
+
+def test_a_recycled_worker_serves_until_its_replacement_is_ready() -> None:
+    backend = sk.Processes(1, max_tasks_per_child=1)
+    with sk.Predictor(Pids(load_s=2.0), backend=backend) as p:
+        _, old = p.predict(1)  # its one batch: it is being replaced now
+        _, again = p.predict(2)  # the replacement still loads: the old worker serves
+        assert again == old
+        assert backend.recycled == 1
+        _wait_until(lambda: old not in backend.worker_pids(), 30)
+        _, new = p.predict(3)
+        assert new != old
+        assert backend.restarts == 0

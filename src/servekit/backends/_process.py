@@ -6,12 +6,19 @@ process sentinel: a worker that dies fails only the batch it held (with
 :class:`~servekit.WorkerCrashed` carrying its exit code or signal), batches not yet
 dispatched wait for a live worker, and a replacement is spawned at once, then with a
 growing delay while workers keep dying (a crash loop never becomes a fork bomb).
+With ``max_tasks_per_child``, a worker that has run that many batches is recycled
+between batches: its replacement is spawned at once, and the old worker keeps serving
+until the replacement is ready, then stops when idle, so a recycle fails nothing and
+costs no capacity while the model loads.
 
 Invariants (all under ``_lock``):
 - a worker holds at most one task, and a task is held by at most one worker;
 - a task leaves the queue only to be given to an idle, ready worker;
 - every task's ``done`` is called exactly once: with the worker's outcomes, with
-  WorkerCrashed when its worker died, or with Closed at close.
+  WorkerCrashed when its worker died, or with Closed at close;
+- ``n`` workers are not retiring (alive, or their replacement due); a retiring worker
+  takes tasks only while fewer than ``n`` of those are ready, and is stopped as soon
+  as it is idle and they are.
 """
 
 from __future__ import annotations
@@ -62,6 +69,12 @@ class _Worker:
     ready: bool = False
     task: Task | None = None
     dead: bool = False
+    #: Batches it has returned (for max_tasks_per_child).
+    tasks: int = 0
+    #: It reached max_tasks_per_child: replaced, and stopped once the pool can spare it.
+    retiring: bool = False
+    #: Asked to exit (recycled): its exit is not a crash.
+    stopping: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -76,6 +89,7 @@ class _Queued:
 class _Counts:
     spawned: int = 0
     crashes: int = 0
+    recycled: int = 0
     consecutive_crashes: int = 0
     last_load_error: str | None = None
     respawn_at: list[float] = field(default_factory=list)
@@ -96,24 +110,41 @@ class Processes(Backend):
     is replaced at once; if replacements keep dying, each waits longer (1 s, 2 s, 4 s,
     up to 30 s) and :attr:`healthy` turns False after three crashes in a row.
 
+    ``max_tasks_per_child`` recycles a worker after it has run that many batches (a
+    model that leaks memory, or a library that degrades in a long-lived process): its
+    replacement loads the model while it keeps serving, and it exits between two
+    batches once the replacement is ready. No request fails because of a recycle.
+
     Example::
 
         sk.Predictor(model, backend=sk.Processes(2))
     """
 
     def __init__(
-        self, n: int = 2, *, max_queue: int = 1024, start_timeout_s: float = 120.0
+        self,
+        n: int = 2,
+        *,
+        max_queue: int = 1024,
+        start_timeout_s: float = 120.0,
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"Processes(n) needs n >= 1, got {n}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError(
+                f"max_tasks_per_child must be >= 1 or None (never recycle), "
+                f"got {max_tasks_per_child}"
+            )
         #: Number of worker processes.
         self.n = n
         #: Batches that may wait for a free worker before submissions are refused.
         self.max_queue = max_queue
         #: How long start() waits for the workers to load the model.
         self.start_timeout_s = start_timeout_s
+        #: Batches a worker runs before it is recycled (None: never).
+        self.max_tasks_per_child = max_tasks_per_child
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -131,7 +162,12 @@ class Processes(Backend):
 
     def clone(self) -> Processes:
         """A new, unstarted pool with the same settings."""
-        return Processes(self.n, max_queue=self.max_queue, start_timeout_s=self.start_timeout_s)
+        return Processes(
+            self.n,
+            max_queue=self.max_queue,
+            start_timeout_s=self.start_timeout_s,
+            max_tasks_per_child=self.max_tasks_per_child,
+        )
 
     @property
     def capacity(self) -> int:
@@ -147,6 +183,11 @@ class Processes(Backend):
     def restarts(self) -> int:
         """How many workers have been replaced after a crash."""
         return self._counts.crashes
+
+    @property
+    def recycled(self) -> int:
+        """How many workers have been recycled after ``max_tasks_per_child`` batches."""
+        return self._counts.recycled
 
     def describe(self) -> str:
         """E.g. ``Processes(2)``."""
@@ -275,10 +316,13 @@ class Processes(Backend):
         return _Queued(Task(items, merge, task.check), _wire.encode(_wire.pack(items)), keep)
 
     def _idle_worker(self) -> _Worker | None:
+        spare: _Worker | None = None
         for worker in self._workers:
-            if worker.ready and worker.task is None and not worker.dead:
-                return worker
-        return None
+            if worker.ready and worker.task is None and not worker.dead and not worker.stopping:
+                if not worker.retiring:
+                    return worker
+                spare = spare or worker  # serves only until its replacement is ready
+        return spare
 
     def _send(self, worker: _Worker, queued: _Queued) -> None:
         # Outside the lock: the worker is reserved for this task (worker.task is set), so
@@ -355,6 +399,7 @@ class Processes(Backend):
         if message[0] == "ready":
             with self._lock:
                 worker.ready = True
+            self._retire_spare()
             self._dispatch_next()
             return
         if message[0] == "load_failed":
@@ -366,6 +411,16 @@ class Processes(Backend):
         with self._lock:
             task, worker.task = worker.task, None
             self._counts.consecutive_crashes = 0
+            worker.tasks += 1
+            recycle = (
+                self.max_tasks_per_child is not None
+                and worker.tasks >= self.max_tasks_per_child
+                and not worker.retiring
+                and not self._closing
+            )
+            if recycle:
+                worker.retiring = True
+                self._counts.recycled += 1
             self._idle.notify_all()
         if task is not None:
             if message[0] == "unreadable":
@@ -376,7 +431,25 @@ class Processes(Backend):
                 task.done(fail_all(len(task.items), error))
             else:
                 task.done(_wire.unpack(message[1]))
+        self._retire_spare()
         self._dispatch_next()
+        if recycle:  # after the result and the next dispatch: spawning takes a while
+            self._adopt(self._spawn(self._counts.spawned))
+
+    def _retire_spare(self) -> None:
+        """Stop the idle retiring workers once ``n`` others are ready to serve."""
+        with self._lock:
+            serving = sum(1 for w in self._workers if w.ready and not w.retiring and not w.dead)
+            if serving < self.n:
+                return
+            spare = [w for w in self._workers if w.retiring and w.task is None and not w.stopping]
+            for worker in spare:
+                worker.stopping = True  # no task can reach it now (see _idle_worker)
+        for worker in spare:
+            try:
+                _wire.send(worker.conn, _wire.encode(None))  # it exits; its sentinel fires
+            except (OSError, ValueError):
+                pass  # already gone: the sentinel reports it the same way
 
     def _on_death(self, worker: _Worker) -> None:
         worker.process.join(2.0)
@@ -387,11 +460,14 @@ class Processes(Backend):
                 self._workers.remove(worker)
             task, worker.task = worker.task, None
             self._idle.notify_all()
-            if not self._closing:
+            # A recycled worker exits as asked, after its last batch: not a crash.
+            crashed = not worker.stopping and not self._closing
+            if crashed:
                 self._counts.crashes += 1
                 self._counts.consecutive_crashes += 1
-                delay = _respawn_delay(self._counts.consecutive_crashes)
-                self._counts.respawn_at.append(time.monotonic() + delay)
+                if not worker.retiring:  # a retiring worker's replacement is spawned already
+                    delay = _respawn_delay(self._counts.consecutive_crashes)
+                    self._counts.respawn_at.append(time.monotonic() + delay)
         worker.conn.close()
         if task is not None:
             how = _describe_exit(exitcode)
@@ -406,7 +482,7 @@ class Processes(Backend):
                     ),
                 )
             )
-        if not self._closing:
+        if crashed:
             logger.warning(
                 "servekit: a %s worker process died (%s); replacing it",
                 self._model_name,
