@@ -40,6 +40,7 @@ def test_builtin_bases_where_the_meaning_matches() -> None:
         sk.Closed("closed"),
         sk.Cancelled("gone"),
         sk.WorkerCrashed("died", exitcode=-9),
+        sk.ExecutionTimeout("hung", exitcode=-9),
         sk.SerializationError("lambda"),
     ],
 )

@@ -35,6 +35,7 @@ from .errors import BatchFailed as BatchFailed
 from .errors import Cancelled as Cancelled
 from .errors import Closed as Closed
 from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import ExecutionTimeout as ExecutionTimeout
 from .errors import IdempotencyConflict as IdempotencyConflict
 from .errors import InvalidInput as InvalidInput
 from .errors import InvalidJobPayload as InvalidJobPayload
@@ -93,6 +94,7 @@ __all__ = sorted(
         "Closed",
         "Collate",
         "DeadlineExceeded",
+        "ExecutionTimeout",
         "DictOfArrays",
         "FunctionModel",
         "Inline",

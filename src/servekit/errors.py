@@ -17,6 +17,7 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── Closed                           the predictor is closing or closed
     ├── Cancelled                        the request was cancelled before it finished
     ├── WorkerCrashed                    the worker process running the request died
+    │   └── ExecutionTimeout (TimeoutError)  ran past batch_timeout_s: worker killed
     ├── SerializationError               an input or output could not cross a process boundary
     │   the model store (servekit.registry):
     ├── UnsafeArtifactError              refused to unpickle: not trusted, or outside the store
@@ -55,6 +56,7 @@ __all__ = [
     "Cancelled",
     "Closed",
     "DeadlineExceeded",
+    "ExecutionTimeout",
     "IdempotencyConflict",
     "InvalidInput",
     "InvalidJobPayload",
@@ -205,6 +207,17 @@ class WorkerCrashed(ServekitError):
 
     def _state(self) -> dict[str, Any]:
         return {"exitcode": self.exitcode}
+
+
+class ExecutionTimeout(WorkerCrashed, TimeoutError):
+    """This request's batch ran longer than the back end's ``batch_timeout_s``: the
+    worker process running it was killed and is being replaced.
+
+    The model hung or is far slower than expected on this input. It is a
+    :class:`WorkerCrashed` (the worker is gone) and a :class:`TimeoutError`.
+    """
+
+    code = "execution_timeout"
 
 
 class SerializationError(ServekitError):

@@ -313,3 +313,37 @@ def test_a_recycled_worker_serves_until_its_replacement_is_ready() -> None:
         _, new = p.predict(3)
         assert new != old
         assert backend.restarts == 0
+
+
+class Hangs(sk.Model[Any, Any]):
+    """Hangs (for an hour) on a batch holding "hang"; echoes any other batch."""
+
+    def predict(self, batch: list[Any]) -> list[Any]:
+        if "hang" in batch:
+            time.sleep(3600)
+        return list(batch)
+
+
+def test_bq15_a_batch_past_batch_timeout_fails_whole_and_its_worker_is_replaced() -> None:
+    backend = sk.Processes(1, batch_timeout_s=0.5)
+    with sk.Predictor(Hangs(), backend=backend) as p:
+        assert p.predict("quick") == "quick"  # under the limit: untouched
+        (hung_pid,) = backend.worker_pids()
+        outs = p.predict_many(["a", "hang", "b"], return_exceptions=True)  # one batch
+        assert all(isinstance(out, sk.ExecutionTimeout) for out in outs)
+        error = outs[1]
+        assert isinstance(error, sk.WorkerCrashed) and isinstance(error, TimeoutError)
+        assert error.code == "execution_timeout"
+        assert error.exitcode == -signal.SIGKILL
+        assert "batch_timeout_s=0.5" in error.message
+        assert not psutil.pid_exists(hung_pid) or psutil.Process(hung_pid).status() == "zombie"
+        assert p.predict("after") == "after"  # on the replacement
+        assert backend.worker_pids() != [hung_pid]
+        assert backend.restarts == 1 and backend.healthy
+
+
+def test_batch_timeout_s_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        sk.Processes(1, batch_timeout_s=0)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        sk.Processes(1, max_tasks_per_child=0)

@@ -9,7 +9,9 @@ growing delay while workers keep dying (a crash loop never becomes a fork bomb).
 With ``max_tasks_per_child``, a worker that has run that many batches is recycled
 between batches: its replacement is spawned at once, and the old worker keeps serving
 until the replacement is ready, then stops when idle, so a recycle fails nothing and
-costs no capacity while the model loads.
+costs no capacity while the model loads. With ``batch_timeout_s``, a worker whose
+batch runs longer is killed: the batch fails with ExecutionTimeout, and the worker is
+replaced as after a crash (a thread cannot be stopped; a process can).
 
 Invariants (all under ``_lock``):
 - a worker holds at most one task, and a task is held by at most one worker;
@@ -43,6 +45,7 @@ from .._model import Model
 from .._outcome import Failure
 from ..errors import (
     Closed,
+    ExecutionTimeout,
     ModelError,
     ModelLoadError,
     Overloaded,
@@ -75,6 +78,10 @@ class _Worker:
     retiring: bool = False
     #: Asked to exit (recycled): its exit is not a crash.
     stopping: bool = False
+    #: When its task was given to it (for batch_timeout_s).
+    given_at: float = 0.0
+    #: Killed because its task ran past batch_timeout_s.
+    timed_out: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +122,13 @@ class Processes(Backend):
     replacement loads the model while it keeps serving, and it exits between two
     batches once the replacement is ready. No request fails because of a recycle.
 
+    ``batch_timeout_s`` bounds how long one batch may run (TorchServe's response
+    timeout): a worker still running a batch after that long is killed, every item of
+    the batch fails with :class:`~servekit.ExecutionTimeout`, and the worker is
+    replaced like a crashed one (so a model that keeps hanging makes the pool
+    unhealthy). Per-request ``timeout_s`` still frees a caller sooner, but only this
+    frees the worker.
+
     Example::
 
         sk.Predictor(model, backend=sk.Processes(2))
@@ -127,11 +141,16 @@ class Processes(Backend):
         max_queue: int = 1024,
         start_timeout_s: float = 120.0,
         max_tasks_per_child: int | None = None,
+        batch_timeout_s: float | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"Processes(n) needs n >= 1, got {n}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if batch_timeout_s is not None and not batch_timeout_s > 0:
+            raise ValueError(
+                f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}"
+            )
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError(
                 f"max_tasks_per_child must be >= 1 or None (never recycle), "
@@ -145,6 +164,8 @@ class Processes(Backend):
         self.start_timeout_s = start_timeout_s
         #: Batches a worker runs before it is recycled (None: never).
         self.max_tasks_per_child = max_tasks_per_child
+        #: Seconds one batch may run before its worker is killed (None: no limit).
+        self.batch_timeout_s = batch_timeout_s
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -167,6 +188,7 @@ class Processes(Backend):
             max_queue=self.max_queue,
             start_timeout_s=self.start_timeout_s,
             max_tasks_per_child=self.max_tasks_per_child,
+            batch_timeout_s=self.batch_timeout_s,
         )
 
     @property
@@ -286,6 +308,7 @@ class Processes(Backend):
                 self._queue.append(queued)
                 return
             worker.task = queued.task
+            worker.given_at = time.monotonic()
         self._send(worker, queued)
 
     def _encode(self, task: Task) -> _Queued | None:
@@ -352,6 +375,7 @@ class Processes(Backend):
                     return
                 queued = self._queue.popleft()
                 worker.task = queued.task
+                worker.given_at = time.monotonic()
             self._send(worker, queued)
 
     # -- supervise ---------------------------------------------------------------
@@ -362,10 +386,21 @@ class Processes(Backend):
                 if self._stop_supervisor:
                     return
                 workers = [w for w in self._workers if not w.dead]
-                respawn_at = list(self._counts.respawn_at)
+                wake_at = list(self._counts.respawn_at)
+                if self.batch_timeout_s is not None:
+                    # A batch given out while this thread waits does not wake it, so it
+                    # waits at most one limit: it is then awake again before that batch
+                    # is due (it was given out later), and waits for exactly its due time.
+                    limit = self.batch_timeout_s
+                    wake_at.append(time.monotonic() + limit)
+                    wake_at += [
+                        w.given_at + limit
+                        for w in workers
+                        if w.task is not None and not w.timed_out
+                    ]
             timeout = None
-            if respawn_at:
-                timeout = max(min(respawn_at) - time.monotonic(), 0.0)
+            if wake_at:
+                timeout = max(min(wake_at) - time.monotonic(), 0.0)
             assert self._wake_r is not None
             waitables: list[Any] = [self._wake_r]
             for w in workers:
@@ -380,7 +415,35 @@ class Processes(Backend):
                     self._on_message(worker)
                 if worker.process.sentinel in ready and not worker.dead:
                     self._on_death(worker)
+            self._kill_overdue()
             self._respawn_due()
+
+    def _kill_overdue(self) -> None:
+        """Kill the workers whose batch has run past batch_timeout_s (their sentinel
+        then fails the batch with ExecutionTimeout and brings a replacement)."""
+        if self.batch_timeout_s is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            overdue = [
+                w
+                for w in self._workers
+                if w.task is not None
+                and not w.dead
+                and not w.timed_out
+                and now - w.given_at >= self.batch_timeout_s
+            ]
+            for worker in overdue:
+                worker.timed_out = True
+        for worker in overdue:
+            logger.warning(
+                "servekit: a %s batch ran longer than batch_timeout_s=%s; killing its "
+                "worker process (pid %s)",
+                self._model_name,
+                self.batch_timeout_s,
+                worker.process.pid,
+            )
+            worker.process.kill()
 
     def _on_message(self, worker: _Worker) -> None:
         try:
@@ -469,7 +532,19 @@ class Processes(Backend):
                     delay = _respawn_delay(self._counts.consecutive_crashes)
                     self._counts.respawn_at.append(time.monotonic() + delay)
         worker.conn.close()
-        if task is not None:
+        if task is not None and worker.timed_out:
+            task.done(
+                fail_all(
+                    len(task.items),
+                    ExecutionTimeout(
+                        f"the batch ran longer than batch_timeout_s={self.batch_timeout_s} s, "
+                        "so its worker process was killed and is being replaced; find what "
+                        "makes the model hang on this input, or raise batch_timeout_s",
+                        exitcode=exitcode,
+                    ),
+                )
+            )
+        elif task is not None:
             how = _describe_exit(exitcode)
             task.done(
                 fail_all(

@@ -74,6 +74,7 @@ STATUS: dict[str, int] = {
     "not_ready": 503,
     "store_unavailable": 503,
     "deadline_exceeded": 504,
+    "execution_timeout": 504,
 }
 
 _JSON = [("content-type", "application/json")]
