@@ -17,7 +17,7 @@ what to do. Where the meaning matches a builtin, the class derives from it too, 
     ├── Closed                           the predictor is closing or closed
     ├── Cancelled                        the request was cancelled before it finished
     ├── WorkerCrashed                    the worker process running the request died
-    │   └── ExecutionTimeout (TimeoutError)  ran past batch_timeout_s: worker killed
+    ├── ExecutionTimeout (TimeoutError)  the request's batch ran past batch_timeout_s
     ├── SerializationError               an input or output could not cross a process boundary
     │   the model store (servekit.registry):
     ├── UnsafeArtifactError              refused to unpickle: not trusted, or outside the store
@@ -209,15 +209,25 @@ class WorkerCrashed(ServekitError):
         return {"exitcode": self.exitcode}
 
 
-class ExecutionTimeout(WorkerCrashed, TimeoutError):
-    """This request's batch ran longer than the back end's ``batch_timeout_s``: the
-    worker process running it was killed and is being replaced.
+class ExecutionTimeout(ServekitError, TimeoutError):
+    """This request's batch ran longer than the back end's ``batch_timeout_s``.
 
-    The model hung or is far slower than expected on this input. It is a
-    :class:`WorkerCrashed` (the worker is gone) and a :class:`TimeoutError`.
+    The model hung, or is far slower than expected on this input. On ``Processes``
+    the worker running it was killed and is being replaced (``exitcode`` is its exit
+    status, ``-9``); on ``Threads`` the thread cannot be stopped, so it is left to
+    finish, its result is dropped, and the back end reports itself unhealthy until it
+    returns (``exitcode`` is None). It is not retried by the job queue: an input that
+    made the model hang once will likely do it again.
     """
 
     code = "execution_timeout"
+
+    def __init__(self, message: str, *, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    def _state(self) -> dict[str, Any]:
+        return {"exitcode": self.exitcode}
 
 
 class SerializationError(ServekitError):

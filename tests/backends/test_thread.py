@@ -61,3 +61,66 @@ def test_a_full_thread_queue_rejects_at_once_with_a_retry_hint() -> None:
             release.set()
         assert running.result(timeout=5) == "running"
         assert [f.result(timeout=5) for f in queued] == ["q0", "q1"]
+
+
+class HangsUntilReleased(sk.Model[Any, Any]):
+    """Blocks on a batch holding "hang" until ``release`` is set; echoes the others."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.returned: list[list[Any]] = []
+
+    def predict(self, batch: list[Any]) -> list[Any]:
+        if "hang" in batch:
+            self.entered.set()
+            self.release.wait()
+            self.returned.append(list(batch))
+        return list(batch)
+
+
+def test_bq15_a_batch_past_batch_timeout_fails_on_time_and_marks_the_pool_unhealthy() -> None:
+    model = HangsUntilReleased()
+    backend = sk.Threads(2, batch_timeout_s=0.2)
+    with sk.Predictor(model, backend=backend) as p, ThreadPoolExecutor(2) as pool:
+        try:
+            _a_stuck_batch_times_out(model, backend, p, pool)
+        finally:
+            model.release.set()  # never leave a thread inside the model
+    assert model.returned == [["hang"]]
+
+
+def _a_stuck_batch_times_out(
+    model: HangsUntilReleased, backend: sk.Threads, p: sk.Predictor[Any, Any], pool: Any
+) -> None:
+    stuck = pool.submit(p.predict, "hang")
+    assert model.entered.wait(5)
+    with pytest.raises(sk.ExecutionTimeout) as info:
+        stuck.result(timeout=10)
+    error = info.value
+    assert isinstance(error, TimeoutError) and error.code == "execution_timeout"
+    assert error.exitcode is None
+    assert "batch_timeout_s=0.2" in error.message
+    assert not backend.healthy and not p.ready  # its thread is still inside
+    assert p.predict("other") == "other"  # the other thread serves meanwhile
+    model.release.set()  # the stuck batch returns; its result reaches nobody
+    deadline = time.monotonic() + 10
+    while not backend.healthy:
+        assert time.monotonic() < deadline, "the pool never became healthy again"
+        time.sleep(0.01)
+    assert p.ready
+    assert p.predict("after") == "after"
+
+
+def test_batches_under_batch_timeout_are_untouched_and_close_stops_the_watchdog() -> None:
+    backend = sk.Threads(2, batch_timeout_s=5.0)
+    with sk.Predictor(Slow(delay_s=0.01), backend=backend) as p:
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(p.predict, range(20))) == list(range(20))
+        assert backend.healthy
+    assert not [t for t in threading.enumerate() if t.name.startswith("servekit-watchdog")]
+
+
+def test_threads_batch_timeout_s_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        sk.Threads(1, batch_timeout_s=-1.0)

@@ -12,7 +12,7 @@ from typing import Any
 import cloudpickle
 
 from .._model import Model
-from ..errors import Closed, ModelLoadError, Overloaded
+from ..errors import Closed, ExecutionTimeout, ModelLoadError, Overloaded
 from ._base import Backend, Task, call_model, fail_all, load_model
 
 __all__ = ["Threads"]
@@ -35,23 +35,49 @@ class Threads(Backend):
     with cloudpickle before ``load()``), loaded on that thread, for models that keep
     per-call state.
 
+    ``batch_timeout_s`` bounds how long one batch may run: when a batch runs longer,
+    every item of it fails at once with :class:`~servekit.ExecutionTimeout`. A thread
+    cannot be stopped, so the batch goes on running; its result is dropped when it
+    returns, and until then :attr:`healthy` is False (the predictor is not ready), so
+    a load balancer sends traffic elsewhere. Use ``Processes`` to get the worker back.
+
     Example::
 
         sk.Predictor(model, backend=sk.Threads(2))
     """
 
-    def __init__(self, n: int = 1, *, share_model: bool = True, max_queue: int = 1024) -> None:
+    def __init__(
+        self,
+        n: int = 1,
+        *,
+        share_model: bool = True,
+        max_queue: int = 1024,
+        batch_timeout_s: float | None = None,
+    ) -> None:
         if n < 1:
             raise ValueError(f"Threads(n) needs n >= 1, got {n}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if batch_timeout_s is not None and not batch_timeout_s > 0:
+            raise ValueError(
+                f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}"
+            )
         #: Number of worker threads.
         self.n = n
         #: Whether the threads share one model instance.
         self.share_model = share_model
         #: Batches that may wait for a free thread before submissions are refused.
         self.max_queue = max_queue
-        self._cond = threading.Condition(threading.Lock())
+        #: Seconds one batch may run before its callers get ExecutionTimeout (None: no limit).
+        self.batch_timeout_s = batch_timeout_s
+        # With batch_timeout_s: the running batches, as [started, task, timed out], and
+        # how many timed-out batches are still running (unhealthy while any is).
+        self._watched: dict[int, list[Any]] = {}
+        self._overdue = 0
+        self._watchdog: threading.Thread | None = None
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._dog = threading.Condition(lock)  # the watchdog's own: submit wakes workers only
         self._queue: deque[Task] = deque()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -61,12 +87,22 @@ class Threads(Backend):
 
     def clone(self) -> Threads:
         """A new, unstarted pool with the same settings."""
-        return Threads(self.n, share_model=self.share_model, max_queue=self.max_queue)
+        return Threads(
+            self.n,
+            share_model=self.share_model,
+            max_queue=self.max_queue,
+            batch_timeout_s=self.batch_timeout_s,
+        )
 
     @property
     def capacity(self) -> int:
         """``n``: one batch per thread."""
         return self.n
+
+    @property
+    def healthy(self) -> bool:
+        """False while a batch that ran past ``batch_timeout_s`` is still running."""
+        return self._overdue == 0
 
     def describe(self) -> str:
         """E.g. ``Threads(2, shared model)``."""
@@ -100,6 +136,11 @@ class Threads(Backend):
         if failures:
             self.close(0.0)
             raise failures[0]
+        if self.batch_timeout_s is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name=f"servekit-watchdog-{model.model_name}", daemon=True
+            )
+            self._watchdog.start()
 
     def submit(self, task: Task) -> None:
         """Queue ``task`` for the next free thread."""
@@ -148,8 +189,18 @@ class Threads(Backend):
                 if task.skip_if_dead():
                     continue
                 started = time.perf_counter()
+                if self.batch_timeout_s is not None:
+                    entry = [time.monotonic(), task, False]
+                    with self._cond:
+                        self._watched[id(entry)] = entry
                 outcomes = call_model(model, task.items, run_coro)  # type: ignore[arg-type]
                 self._run_time_s = 0.9 * self._run_time_s + 0.1 * (time.perf_counter() - started)
+                if self.batch_timeout_s is not None:
+                    with self._cond:
+                        del self._watched[id(entry)]
+                        if entry[2]:  # its callers got ExecutionTimeout: drop the result
+                            self._overdue -= 1
+                            continue
                 try:
                     task.done(outcomes)
                 except Exception:  # pragma: no cover - done callbacks do not raise
@@ -160,6 +211,45 @@ class Threads(Backend):
             if own_model:
                 model.close()
 
+    def _watch(self) -> None:
+        """Fail the callers of every batch that runs past batch_timeout_s, once."""
+        limit = self.batch_timeout_s
+        assert limit is not None
+        while True:
+            with self._dog:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                overdue = [e for e in self._watched.values() if not e[2] and now - e[0] >= limit]
+                for entry in overdue:
+                    entry[2] = True
+                    self._overdue += 1
+                if not overdue:
+                    # A batch started while this waits does not wake it, so it waits at
+                    # most one limit: awake again before that batch is due, then exactly
+                    # until it is.
+                    running = [e[0] + limit for e in self._watched.values() if not e[2]]
+                    self._dog.wait(max(min(running, default=now + limit) - now, 0.0))
+                    continue
+            for entry in overdue:
+                task = entry[1]
+                logger.warning(
+                    "servekit: a batch ran longer than batch_timeout_s=%s; its callers get "
+                    "ExecutionTimeout, and the back end is unhealthy until it returns",
+                    limit,
+                )
+                task.done(
+                    fail_all(
+                        len(task.items),
+                        ExecutionTimeout(
+                            f"the batch ran longer than batch_timeout_s={limit} s; a thread "
+                            "cannot be stopped, so it runs on and its result will be dropped; "
+                            "find what makes the model hang on this input, or use Processes "
+                            "to have a hung worker replaced",
+                        ),
+                    )
+                )
+
     def close(self, grace_s: float) -> None:
         """Let running batches finish (up to ``grace_s``), fail queued ones, join threads."""
         with self._cond:
@@ -167,6 +257,10 @@ class Threads(Backend):
             queued = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
+            self._dog.notify_all()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         for task in queued:
             task.done(fail_all(len(task.items), Closed("the predictor closed before this ran")))
         deadline = time.monotonic() + max(grace_s, 0.0)
