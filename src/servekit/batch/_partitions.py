@@ -708,9 +708,16 @@ class Tally:
 
     def failed(self, message: str, unwritten: ChunkStat | None) -> Exception:
         """The :class:`~servekit.BatchFailed` of a partition stopped by ``max_error_rate``;
-        its report counts the chunk that went over (as a local run's does)."""
+        its report counts the chunk that went over (as a local run's does).
+
+        It counts the chunks of finished partitions only: a partition still running is
+        cancelled, its attempt is never committed, and a resumed run redoes its chunks,
+        so chunks it reported on the way are not among those written.
+        """
         from ..errors import BatchFailed
 
+        for index in [i for i in self._seen if i not in self._final]:
+            self._add(self._seen[index], -1)
         if unwritten is not None:
             self._final.add(unwritten.index)
             self._add(unwritten)
