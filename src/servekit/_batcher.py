@@ -271,8 +271,12 @@ class Batcher(Generic[In, Out]):
         # close() waits here for the queue to empty.
         self._drained = threading.Condition(self._lock)
         # One FIFO per priority level; _priorities lists the levels in serving order.
-        self._levels: dict[int, deque[Pending]] = {}
-        self._priorities: list[int] = []
+        # Level 0 (the default priority) exists from the start: asubmit's hot path
+        # queues only into an existing level, and the first request of a new batcher
+        # must not take the general path, which wakes a slot thread even when the
+        # loop slot serves (a race the loop-slot test saw, one run in four).
+        self._levels: dict[int, deque[Pending]] = {0: deque()}
+        self._priorities: list[int] = [0]
         self._depth = 0  # items queued over all levels
         self._cost = 0  # their total size
         self._formed = 0  # batches formed so far (the clock of the starvation bound)
