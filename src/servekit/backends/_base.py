@@ -13,7 +13,15 @@ from .._model import Model
 from .._outcome import Failure, arun_batch, run_batch
 from ..errors import ModelLoadError
 
-__all__ = ["Backend", "LoopThread", "Task", "call_model", "fail_all", "load_model"]
+__all__ = [
+    "Backend",
+    "LoopThread",
+    "Task",
+    "call_model",
+    "check_batch_timeout",
+    "fail_all",
+    "load_model",
+]
 
 T = TypeVar("T")
 
@@ -42,6 +50,12 @@ class Task:
             return False
         self.done(fail_all(len(self.items), error))
         return True
+
+
+def check_batch_timeout(batch_timeout_s: float | None) -> None:
+    """Refuse a ``batch_timeout_s`` that is neither None (no limit) nor positive."""
+    if batch_timeout_s is not None and not batch_timeout_s > 0:
+        raise ValueError(f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}")
 
 
 def fail_all(n: int, error: BaseException) -> list[Any]:

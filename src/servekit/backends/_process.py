@@ -53,7 +53,7 @@ from ..errors import (
     WorkerCrashed,
 )
 from . import _wire
-from ._base import Backend, Task, call_model, fail_all
+from ._base import Backend, Task, call_model, check_batch_timeout, fail_all
 
 __all__ = ["Processes"]
 
@@ -147,10 +147,7 @@ class Processes(Backend):
             raise ValueError(f"Processes(n) needs n >= 1, got {n}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        if batch_timeout_s is not None and not batch_timeout_s > 0:
-            raise ValueError(
-                f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}"
-            )
+        check_batch_timeout(batch_timeout_s)
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError(
                 f"max_tasks_per_child must be >= 1 or None (never recycle), "

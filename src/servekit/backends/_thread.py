@@ -13,11 +13,22 @@ import cloudpickle
 
 from .._model import Model
 from ..errors import Closed, ExecutionTimeout, ModelLoadError, Overloaded
-from ._base import Backend, Task, call_model, fail_all, load_model
+from ._base import Backend, Task, call_model, check_batch_timeout, fail_all, load_model
 
 __all__ = ["Threads"]
 
 logger = logging.getLogger("servekit")
+
+
+class _Running:
+    """A batch a worker thread runs, watched for ``batch_timeout_s``."""
+
+    __slots__ = ("started", "task", "timed_out")
+
+    def __init__(self, task: Task) -> None:
+        self.started = time.monotonic()
+        self.task = task
+        self.timed_out = False  # its callers got ExecutionTimeout; its result is dropped
 
 
 class Threads(Backend):
@@ -58,10 +69,7 @@ class Threads(Backend):
             raise ValueError(f"Threads(n) needs n >= 1, got {n}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        if batch_timeout_s is not None and not batch_timeout_s > 0:
-            raise ValueError(
-                f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}"
-            )
+        check_batch_timeout(batch_timeout_s)
         #: Number of worker threads.
         self.n = n
         #: Whether the threads share one model instance.
@@ -70,9 +78,9 @@ class Threads(Backend):
         self.max_queue = max_queue
         #: Seconds one batch may run before its callers get ExecutionTimeout (None: no limit).
         self.batch_timeout_s = batch_timeout_s
-        # With batch_timeout_s: the running batches, as [started, task, timed out], and
-        # how many timed-out batches are still running (unhealthy while any is).
-        self._watched: dict[int, list[Any]] = {}
+        # With batch_timeout_s: the running batches, and how many timed-out ones are
+        # still running (unhealthy while any is).
+        self._watched: set[_Running] = set()
         self._overdue = 0
         self._watchdog: threading.Thread | None = None
         lock = threading.Lock()
@@ -190,15 +198,15 @@ class Threads(Backend):
                     continue
                 started = time.perf_counter()
                 if self.batch_timeout_s is not None:
-                    entry = [time.monotonic(), task, False]
+                    running = _Running(task)
                     with self._cond:
-                        self._watched[id(entry)] = entry
+                        self._watched.add(running)
                 outcomes = call_model(model, task.items, run_coro)  # type: ignore[arg-type]
                 self._run_time_s = 0.9 * self._run_time_s + 0.1 * (time.perf_counter() - started)
                 if self.batch_timeout_s is not None:
                     with self._cond:
-                        del self._watched[id(entry)]
-                        if entry[2]:  # its callers got ExecutionTimeout: drop the result
+                        self._watched.remove(running)
+                        if running.timed_out:  # its callers got ExecutionTimeout: dropped
                             self._overdue -= 1
                             continue
                 try:
@@ -220,19 +228,19 @@ class Threads(Backend):
                 if self._stopping:
                     return
                 now = time.monotonic()
-                overdue = [e for e in self._watched.values() if not e[2] and now - e[0] >= limit]
-                for entry in overdue:
-                    entry[2] = True
+                overdue = [r for r in self._watched if not r.timed_out and now - r.started >= limit]
+                for running in overdue:
+                    running.timed_out = True
                     self._overdue += 1
                 if not overdue:
                     # A batch started while this waits does not wake it, so it waits at
                     # most one limit: awake again before that batch is due, then exactly
                     # until it is.
-                    running = [e[0] + limit for e in self._watched.values() if not e[2]]
-                    self._dog.wait(max(min(running, default=now + limit) - now, 0.0))
+                    due = [r.started + limit for r in self._watched if not r.timed_out]
+                    self._dog.wait(max(min(due, default=now + limit) - now, 0.0))
                     continue
-            for entry in overdue:
-                task = entry[1]
+            for running in overdue:
+                task = running.task
                 logger.warning(
                     "servekit: a batch ran longer than batch_timeout_s=%s; its callers get "
                     "ExecutionTimeout, and the back end is unhealthy until it returns",
