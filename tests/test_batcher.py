@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import servekit as sk
 import servekit.testing
-from servekit import _batcher
+from servekit import _batch_slots, _batcher
 from servekit._batcher import Batcher
 
 # Generous: these bound a wait that should be near-instant, so a slow CI machine passes.
@@ -280,7 +280,8 @@ def test_item_expired_in_the_queue_is_failed_at_batch_formation(
     model = Recorder(gated=True)
     with Batcher(model) as b, ThreadPoolExecutor(2) as pool:
         blocker = start_blocker(pool, b, model)
-        monkeypatch.setattr(_batcher, "SyncWaiter", LateWaiter)
+        monkeypatch.setattr(_batcher, "SyncWaiter", LateWaiter)  # made by submit
+        monkeypatch.setattr(_batch_slots, "SyncWaiter", LateWaiter)  # chained by the slot
         late = pool.submit(b.submit, "late", timeout_s=0.01)
         wait_until(lambda: b.statistics().queue_depth == 1)
         time.sleep(0.02)  # past the late item's deadline
@@ -830,7 +831,8 @@ def test_a_caller_thread_interrupted_after_its_result_came_still_wakes_the_next(
                 raise Raised
             return woken
 
-    monkeypatch.setattr(_batcher, "SyncWaiter", InterruptedOnWaking)
+    monkeypatch.setattr(_batcher, "SyncWaiter", InterruptedOnWaking)  # made by submit
+    monkeypatch.setattr(_batch_slots, "SyncWaiter", InterruptedOnWaking)  # chained by the slot
     batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
     with batcher, ThreadPoolExecutor(8) as pool:
         futures = []

@@ -1,7 +1,7 @@
 """The Batcher's records: one pending item, its statistics, and ``is_cancelled``.
 
-Kept apart from the engine in ``_batcher.py`` so that module holds only the queue and
-its slots.
+Kept apart from the engine (``_batcher.py``, the callers' side, and ``_batch_slots.py``,
+where batches run) so those modules hold only the queue and its slots.
 """
 
 from __future__ import annotations
