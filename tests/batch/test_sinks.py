@@ -15,16 +15,9 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from servekit.batch._sinks import (
-    CallableSink,
-    CSVSink,
-    JSONLSink,
-    ListSink,
-    ParquetSink,
-    SQLSink,
-    columns_to_rows,
-    open_sink,
-)
+from servekit.batch._filesinks import CSVSink, JSONLSink, ParquetSink
+from servekit.batch._sinks import CallableSink, ListSink, columns_to_rows, open_sink
+from servekit.batch._sqlsink import SQLSink
 from servekit.batch._types import Sink
 from servekit.errors import OutputExists, ResumeMismatch
 
@@ -811,6 +804,7 @@ def test_sink_module_imports_no_heavy_dependencies() -> None:
         "pkg.__path__ = [servekit.__path__[0] + '/batch'];"
         "sys.modules['servekit.batch'] = pkg;"
         "import servekit.batch._sinks;"
+        "import servekit.batch._sqlsink;"
         "print(sorted(m for m in ('pyarrow', 'pandas', 'duckdb') if m in sys.modules))"
     )
     out = subprocess.run(

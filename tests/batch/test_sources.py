@@ -14,16 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from servekit.batch._sources import (
-    ArraySource,
-    CSVSource,
-    DataFrameSource,
-    IterableSource,
-    JSONLSource,
-    ParquetSource,
-    SQLSource,
-    open_source,
-)
+from servekit.batch._parquetsource import ParquetSource
+from servekit.batch._sources import ArraySource, DataFrameSource, IterableSource, open_source
+from servekit.batch._sqlsource import SQLSource
+from servekit.batch._textsources import CSVSource, JSONLSource
 from servekit.batch._types import Chunk, RowError, Source
 from servekit.errors import SourceError
 
@@ -111,6 +105,7 @@ def test_source_module_imports_no_optional_dependency() -> None:
         pkg.__path__ = [str(pathlib.Path(servekit.__file__).parent / "batch")]
         sys.modules["servekit.batch"] = pkg
         import servekit.batch._sources
+        import servekit.batch._sqlsource
         print(sorted(m for m in ("pyarrow", "pandas", "duckdb") if m in sys.modules))
         """
     )
@@ -550,7 +545,7 @@ def test_source_parquet_memory_stays_bounded(tmp_path: Path) -> None:
         import numpy as np
         import psutil
         import pyarrow.parquet
-        from servekit.batch._sources import ParquetSource
+        from servekit.batch._parquetsource import ParquetSource
         proc = psutil.Process()
         base = peak = proc.memory_info().rss
         src = ParquetSource(sys.argv[1])

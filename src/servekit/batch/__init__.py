@@ -15,29 +15,16 @@ a Dask or Ray cluster with ``runner=DaskRunner(client)`` or ``runner=RayRunner()
 from __future__ import annotations
 
 from ._dask import DaskRunner
+from ._filesinks import CSVSink, JSONLSink, ParquetSink
 from ._jobs import BatchJob, BatchRunSpec
+from ._parquetsource import ParquetSource
 from ._ray import RayRunner
 from ._runner import BatchProgress, BatchReport, Runner, run_batch
-from ._sinks import (
-    CallableSink,
-    CSVSink,
-    JSONLSink,
-    ListSink,
-    ParquetSink,
-    SQLSink,
-    columns_to_rows,
-    open_sink,
-)
-from ._sources import (
-    ArraySource,
-    CSVSource,
-    DataFrameSource,
-    IterableSource,
-    JSONLSource,
-    ParquetSource,
-    SQLSource,
-    open_source,
-)
+from ._sinks import CallableSink, ListSink, columns_to_rows, open_sink
+from ._sources import ArraySource, DataFrameSource, IterableSource, open_source
+from ._sqlsink import SQLSink
+from ._sqlsource import SQLSource
+from ._textsources import CSVSource, JSONLSource
 from ._types import Chunk, RowError, Sink, Source
 
 __all__ = [

@@ -57,7 +57,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ._sinks import _EMPTY, _check_lengths, _fsync_dir, _fsync_file, _PartFileSink, _publish
+from ._filesinks import _EMPTY, _fsync_dir, _fsync_file, _PartFileSink, _publish
+from ._sinkbase import _check_lengths
 from ._types import Sink
 
 __all__ = ["Attempt", "settle", "write_part"]

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import SourceError, UnsafePath
+from ._parquetsource import ParquetSource, _import_pyarrow, _reraise, rechunk
 from ._partitions import (
     Partition,
     _binary_lines,
@@ -57,21 +58,8 @@ from ._partitions import (
     csv_record_starts,
     default_partitions,
 )
-from ._sources import (
-    _UTF8_BOM,
-    CSVSource,
-    JSONLSource,
-    ParquetSource,
-    _check_args,
-    _chunk_records,
-    _FileSource,
-    _import_pyarrow,
-    _lines,
-    _parse_object,
-    _Record,
-    _reraise,
-    rechunk,
-)
+from ._sourcebase import _check_args, _chunk_records, _FileSource, _Record
+from ._textsources import _UTF8_BOM, CSVSource, JSONLSource, _lines, _parse_object
 from ._types import Chunk
 
 __all__ = ["CSVFiles", "JSONLFiles", "ParquetFiles", "confine", "names_many", "plan_files"]

@@ -57,18 +57,12 @@ from .._predictor import Predictor
 from ..backends import Inline
 from ..errors import SourceError
 from ._attempts import Attempt, settle
+from ._filesinks import _PartFileSink
+from ._parquetsource import ParquetSource
 from ._runner import _SAMPLE, RunnerJob, _ChunkResult, _Counts, _error_columns, _Run
-from ._sinks import _PartFileSink
-from ._sources import (
-    _UTF8_BOM,
-    CSVSource,
-    JSONLSource,
-    ParquetSource,
-    SQLSource,
-    _chunk_records,
-    _lines,
-    _parse_object,
-)
+from ._sourcebase import _chunk_records
+from ._sqlsource import SQLSource
+from ._textsources import _UTF8_BOM, CSVSource, JSONLSource, _lines, _parse_object
 from ._types import Chunk, RowError, Sink
 
 __all__ = [

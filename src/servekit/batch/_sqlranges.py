@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import SourceError
 from ._partitions import Partition, _Reader, default_partitions
-from ._sources import SQLSource, key_range_query, quote_identifier, sql_cursor
+from ._sqlsource import SQLSource, key_range_query, quote_identifier, sql_cursor
 from ._types import Chunk
 
 __all__ = ["SQLRangeReader"]
