@@ -20,19 +20,15 @@ import pytest
 
 from servekit.errors import InvalidInput
 from servekit.transports._v2 import (
-    DATATYPES,
     InferRequest,
-    Limits,
-    Tensor,
-    V2Error,
-    datatype_of,
     decode_infer_request,
     encode_infer_response,
     model_metadata,
-    parse_json_bounded,
     server_metadata,
-    tensor_from_array,
 )
+from servekit.transports._v2_errors import Limits, V2Error
+from servekit.transports._v2_json import parse_json_bounded
+from servekit.transports._v2_tensors import DATATYPES, Tensor, datatype_of, tensor_from_array
 
 # ------------------------------------------------------------------------ helpers
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ._asgi import ASGIApp, create_asgi_app
 from ._core import STATUS, Call, HTTPRequest, HTTPResponse, Service, error_response
-from ._v2 import Limits, V2Error
+from ._v2_errors import Limits, V2Error
 from ._wsgi import WSGIApp, create_wsgi_app
 
 __all__ = [

@@ -32,7 +32,7 @@ import anyio
 import anyio.to_thread
 
 from .._predictor import Predictor
-from . import _v2
+from . import _v2_errors
 from ._core import Call, HTTPRequest, HTTPResponse, Service, route_name
 
 __all__ = ["ASGIApp", "create_asgi_app"]
@@ -276,7 +276,7 @@ def create_asgi_app(
     predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
     *,
     jobs: Any = None,
-    limits: _v2.Limits | None = None,
+    limits: _v2_errors.Limits | None = None,
     expose_model_errors: bool = False,
     lifespan: bool = True,
     name: str = "servekit",

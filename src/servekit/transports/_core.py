@@ -40,7 +40,7 @@ import numpy as np
 from .._predictor import Predictor
 from ..backends import Inline
 from ..errors import Closed, JobNotFound, ModelError, Overloaded, ServekitError
-from . import _v2
+from . import _v2, _v2_errors, _v2_json, _v2_tensors
 from ._metrics import HTTPStatistics
 
 __all__ = [
@@ -229,7 +229,7 @@ class Service:
         predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
         *,
         jobs: Any = None,
-        limits: _v2.Limits | None = None,
+        limits: _v2_errors.Limits | None = None,
         expose_model_errors: bool = False,
         name: str = "servekit",
     ) -> None:
@@ -258,7 +258,7 @@ class Service:
             self.job_queues = {None: jobs}
         #: The job queue when there is exactly one, else None.
         self.jobs = next(iter(self.job_queues.values())) if len(self.job_queues) == 1 else None
-        self.limits = limits or _v2.Limits()
+        self.limits = limits or _v2_errors.Limits()
         self.expose_model_errors = expose_model_errors
         self.name = name
         #: False once shutdown began: readiness answers 503 and new work is refused.
@@ -371,7 +371,7 @@ class Service:
             raise _BadRequest(f"send JSON (content-type application/json), not {kind!r}")
         if not request.body:
             raise _BadRequest("the request body is empty; send a JSON object")
-        return _v2.parse_json_bounded(request.body, self.limits.max_json_depth)
+        return _v2_json.parse_json_bounded(request.body, self.limits.max_json_depth)
 
     def _route_live(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         return json_response(200, {"live": True})
@@ -717,7 +717,7 @@ def _rows(infer: Any, *, named: bool = False) -> list[Any]:
     tensors = infer.inputs
     sizes = {t.shape[0] if t.shape else 1 for t in tensors}
     if len(sizes) != 1:
-        raise _v2.V2Error(
+        raise _v2_errors.V2Error(
             "every input must have the same first (batch) dimension; got "
             + ", ".join(f"{t.name}: {list(t.shape)}" for t in tensors)
         )
@@ -725,7 +725,9 @@ def _rows(infer: Any, *, named: bool = False) -> list[Any]:
     if n == 0:
         # No item, so the model never runs and nothing says what its outputs would be
         # (their datatype, their other dimensions): refused rather than guessed.
-        raise _v2.V2Error("the batch (first) dimension of the inputs is 0: send at least one item")
+        raise _v2_errors.V2Error(
+            "the batch (first) dimension of the inputs is 0: send at least one item"
+        )
     if len(tensors) == 1 and not named:
         data = tensors[0].data
         return [data[i] for i in range(n)] if data.ndim else [data.item()]
@@ -743,7 +745,7 @@ def _outputs(values: list[Any], *, scalar: bool = False) -> list[Any]:
         array = _stack(items)
         if scalar and len(array) == 1:
             array = array.reshape(array.shape[1:])
-        return _v2.tensor_from_array(name, array)
+        return _v2_tensors.tensor_from_array(name, array)
 
     if values and all(isinstance(v, dict) for v in values):
         names = list(dict.fromkeys(k for v in values for k in v))
@@ -772,7 +774,7 @@ def _tensor_specs(schema: Any, default: str) -> list[dict[str, Any]]:
     if dtype is not None:
         shape = [-1, *[(-1 if d is None else d) for d in schema.get("x-shape", [])]]
         try:
-            datatype = _v2.datatype_of(np.empty(0, dtype=dtype))
+            datatype = _v2_tensors.datatype_of(np.empty(0, dtype=dtype))
         except (TypeError, ServekitError):
             datatype = "BYTES"
         return [{"name": default, "datatype": datatype, "shape": shape}]

@@ -75,147 +75,35 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from servekit.errors import InvalidInput
+from ._v2_errors import Limits, V2Error
+from ._v2_json import _json_type, _name, _object, _optional_bool, _parameters, parse_json_bounded
+from ._v2_tensors import (
+    DATATYPES,
+    Tensor,
+    _binary_array,
+    _binary_data,
+    _InputPlan,
+    _json_array,
+    _json_data,
+    _plan_input,
+)
 
 __all__ = [
-    "DATATYPES",
     "InferRequest",
-    "Limits",
     "RequestedOutput",
-    "Tensor",
-    "V2Error",
-    "datatype_of",
     "decode_infer_request",
     "encode_infer_response",
     "model_metadata",
-    "parse_json_bounded",
     "server_metadata",
-    "tensor_from_array",
 ]
 
-#: Most dimensions a shape may have (numpy 1.x's limit; numpy 2 allows 64).
-_MAX_DIMS = 32
+
 #: Longest accepted decimal string for ``Inference-Header-Content-Length``.
 _MAX_HEADER_DIGITS = 20
-
-
-class V2Error(InvalidInput):
-    """A malformed OIP V2 request; the message says what is wrong.
-
-    Transports answer HTTP 400 with ``{"error": message}``.
-
-    >>> V2Error("inputs: required").code
-    'invalid_v2_request'
-    """
-
-    code = "invalid_v2_request"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource caps applied while decoding a request (SEC-06); exceeding one is a
-    :class:`V2Error`."""
-
-    #: Deepest nesting of JSON arrays/objects (``[]`` is depth 1).
-    max_json_depth: int = 64
-    #: Most inputs in one request.
-    max_inputs: int = 64
-    #: Most requested outputs in one request.
-    max_outputs: int = 64
-    #: Most elements in one tensor (the product of its shape).
-    max_elements_per_tensor: int = 16_777_216
-    #: Most elements across all inputs of one request.
-    max_total_elements: int = 67_108_864
-    #: Most bytes in one BYTES element.
-    max_bytes_element: int = 16_777_216
-    #: Largest body (JSON header plus binary section) in bytes.
-    max_body_bytes: int = 64 * 2**20
-
-
-#: OIP datatype name -> numpy dtype (BYTES -> ``object`` arrays holding ``bytes``).
-DATATYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
-    {
-        "BOOL": np.dtype(np.bool_),
-        "UINT8": np.dtype(np.uint8),
-        "UINT16": np.dtype(np.uint16),
-        "UINT32": np.dtype(np.uint32),
-        "UINT64": np.dtype(np.uint64),
-        "INT8": np.dtype(np.int8),
-        "INT16": np.dtype(np.int16),
-        "INT32": np.dtype(np.int32),
-        "INT64": np.dtype(np.int64),
-        "FP16": np.dtype(np.float16),
-        "FP32": np.dtype(np.float32),
-        "FP64": np.dtype(np.float64),
-        "BYTES": np.dtype(object),
-    }
-)
-
-_KIND_SIZE_TO_DATATYPE: dict[tuple[str, int], str] = {
-    (dtype.kind, dtype.itemsize): name for name, dtype in DATATYPES.items() if name != "BYTES"
-}
-_INT_TYPES = frozenset(n for n, d in DATATYPES.items() if d.kind in "iu")
-_FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64"))
-_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def datatype_of(array: npt.NDArray[Any]) -> str:
-    """Return the OIP datatype name of a numpy array's dtype (byte order ignored).
-
-    Object, ``str`` (``U``) and ``bytes`` (``S``) arrays are ``"BYTES"``; other dtypes
-    (complex, datetime, ...) raise ``ValueError``.
-
-    >>> datatype_of(np.zeros(2, dtype=np.float32))
-    'FP32'
-    """
-    dtype = np.asarray(array).dtype
-    if dtype.kind in "OUS":
-        return "BYTES"
-    name = _KIND_SIZE_TO_DATATYPE.get((dtype.kind, dtype.itemsize))
-    if name is None:
-        raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
-    return name
-
-
-@dataclass(frozen=True, eq=False)
-class Tensor:
-    """One named tensor of a request or response.
-
-    ``data`` is a numpy array of exactly ``shape`` whose dtype is ``DATATYPES[datatype]``
-    (BYTES: an object array of ``bytes``). ``parameters`` holds the tensor's OIP
-    parameters. Equality is identity (arrays have no single truth value); compare
-    ``data`` with numpy. Build one from any array with :func:`tensor_from_array`.
-    """
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: npt.NDArray[Any]
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.datatype not in DATATYPES:
-            raise ValueError(f"Tensor {self.name!r}: unknown datatype {self.datatype!r}")
-        if not isinstance(self.data, np.ndarray):
-            raise TypeError(f"Tensor {self.name!r}: data must be a numpy array")
-        if tuple(self.data.shape) != tuple(self.shape):
-            raise ValueError(
-                f"Tensor {self.name!r}: data has shape {self.data.shape}, not {self.shape}"
-            )
-        if datatype_of(self.data) != self.datatype:
-            raise ValueError(
-                f"Tensor {self.name!r}: data of dtype {self.data.dtype} is not {self.datatype}"
-            )
 
 
 @dataclass(frozen=True)
@@ -281,86 +169,7 @@ def _nonneg_number(value: object) -> float | None:
     return None
 
 
-# --------------------------------------------------------------------------- JSON
-
-# A JSON string literal, or one structural bracket. An unterminated string runs to the
-# end of the input (the parser then refuses it), so every match succeeds on its first,
-# greedy path: the scan is linear even for input like '"\\"\\"\\"...' with no closing quote.
-_SCAN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
-_OPENERS = frozenset("[{")
-_CLOSERS = frozenset("]}")
-
-
-def _refuse_constant(token: str) -> Any:
-    raise V2Error(
-        f"invalid JSON: {token} is not a JSON value; send non-finite floats as the strings "
-        '"NaN", "Infinity", "-Infinity"'
-    )
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise V2Error(f"invalid JSON: duplicate key {key!r} in one object")
-            seen.add(key)
-    return result
-
-
-_DECODER = json.JSONDecoder(
-    parse_constant=_refuse_constant, object_pairs_hook=_object_without_duplicates
-)
-
-
-def parse_json_bounded(body: bytes | memoryview, max_depth: int) -> Any:
-    """Parse UTF-8 JSON ``body``, refusing nesting deeper than ``max_depth``.
-
-    The depth is checked by a linear scan before the (recursive) parser runs, so deep
-    input is refused quickly and never reaches Python's recursion limit. Invalid UTF-8,
-    invalid JSON, ``NaN``/``Infinity`` tokens and duplicate keys raise :class:`V2Error`.
-
-    >>> parse_json_bounded(b'{"a": [1, 2]}', 2)
-    {'a': [1, 2]}
-    """
-    try:
-        text = bytes(body).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise V2Error(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    depth = 0
-    # Fewer brackets in all than the limit (most bodies): no need to scan for depth.
-    scan = text.count("[") + text.count("{") > max_depth
-    for match in _SCAN.finditer(text) if scan else ():
-        token = match.group()
-        if token in _OPENERS:
-            depth += 1
-            if depth > max_depth:
-                raise V2Error(f"invalid JSON: nested deeper than {max_depth} levels")
-        elif token in _CLOSERS:
-            depth -= 1
-    try:
-        return _DECODER.decode(text)
-    except V2Error:
-        raise
-    except RecursionError:  # pragma: no cover - the scan bounds the depth
-        raise V2Error("invalid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and int strings past Python's digit limit
-        raise V2Error(f"invalid JSON: {exc}") from None
-
-
 # ----------------------------------------------------------------------- decoding
-
-
-@dataclass
-class _InputPlan:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    count: int
-    parameters: dict[str, Any]
-    data: list[Any] | None
-    binary_size: int | None
 
 
 def _parse_header_length(header_length: int | str | None, body_len: int) -> int:
@@ -387,259 +196,11 @@ def _parse_header_length(header_length: int | str | None, body_len: int) -> int:
     return value
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise V2Error(f"{where} must be a JSON object, not {_json_type(value)}")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _name(item: dict[str, Any], where: str) -> str:
-    if "name" not in item:
-        raise V2Error(f"{where}.name is required")
-    name = item["name"]
-    if not isinstance(name, str) or not name:
-        raise V2Error(f"{where}.name must be a non-empty string, not {_json_type(name)}")
-    return name
-
-
-def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
-    if "parameters" not in item:
-        return {}
-    return dict(_object(item["parameters"], f"{where}.parameters"))
-
-
-def _optional_bool(params: dict[str, Any], key: str, where: str) -> bool | None:
-    if key not in params:
-        return None
-    value = params[key]
-    if not isinstance(value, bool):
-        raise V2Error(f"{where}.parameters.{key} must be true or false")
-    return value
-
-
-def _shape_and_count(raw: Any, where: str, limits: Limits) -> tuple[tuple[int, ...], int]:
-    if not isinstance(raw, list):
-        raise V2Error(f"{where}.shape must be an array of integers, not {_json_type(raw)}")
-    if len(raw) > _MAX_DIMS:
-        raise V2Error(f"{where}.shape has {len(raw)} dimensions; at most {_MAX_DIMS} allowed")
-    for i, dim in enumerate(raw):
-        if type(dim) is not int:
-            raise V2Error(f"{where}.shape[{i}] must be an integer, not {_json_type(dim)}")
-        if dim < 0:
-            raise V2Error(f"{where}.shape[{i}] is {dim}; dimensions must be >= 0")
-    shape = tuple(raw)
-    if 0 in shape:
-        return shape, 0
-    count = 1
-    for dim in shape:  # stops as soon as the limit is passed: no huge ints
-        count *= dim
-        if count > limits.max_elements_per_tensor:
-            raise V2Error(
-                f"{where}.shape {list(shape)} has more than "
-                f"{limits.max_elements_per_tensor} elements (max_elements_per_tensor)"
-            )
-    return shape, count
-
-
-def _plan_input(raw: Any, where: str, limits: Limits) -> _InputPlan:
-    item = _object(raw, where)
-    name = _name(item, where)
-    if "datatype" not in item:
-        raise V2Error(f"{where}.datatype is required")
-    datatype = item["datatype"]
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise V2Error(
-            f"{where}.datatype {str(datatype)[:40]!r} is not one of {', '.join(DATATYPES)}"
-        )
-    if "shape" not in item:
-        raise V2Error(f"{where}.shape is required")
-    shape, count = _shape_and_count(item["shape"], where, limits)
-    params = _parameters(item, where)
-    has_data = "data" in item
-    if "binary_data_size" in params:
-        size = params.pop("binary_data_size")
-        if type(size) is not int or size < 0:
-            raise V2Error(f"{where}.parameters.binary_data_size must be an integer >= 0")
-        if has_data:
-            raise V2Error(f"{where} has both data and parameters.binary_data_size")
-        if datatype != "BYTES" and size != count * DATATYPES[datatype].itemsize:
-            raise V2Error(
-                f"{where}.parameters.binary_data_size is {size}, but shape {list(shape)} of "
-                f"{datatype} needs {count * DATATYPES[datatype].itemsize} bytes"
-            )
-        return _InputPlan(name, datatype, shape, count, params, None, size)
-    if not has_data:
-        raise V2Error(f"{where} needs data or parameters.binary_data_size")
-    data = item["data"]
-    if not isinstance(data, list):
-        raise V2Error(f"{where}.data must be an array, not {_json_type(data)}")
-    return _InputPlan(name, datatype, shape, count, params, data, None)
-
-
-def _flatten(data: list[Any], expected: int, where: str) -> list[Any]:
-    if not any(type(x) is list for x in data):
-        flat = data
-    else:
-        flat = []
-        stack: list[Iterator[Any]] = [iter(data)]
-        while stack:
-            for item in stack[-1]:
-                if type(item) is list:
-                    stack.append(iter(item))
-                    break
-                flat.append(item)
-                if len(flat) > expected:
-                    break
-            else:
-                stack.pop()
-                continue
-            if len(flat) > expected:
-                break
-    if len(flat) != expected:
-        got = f"more than {expected}" if len(flat) > expected else str(len(flat))
-        raise V2Error(f"{where}.data has {got} elements, but its shape needs {expected}")
-    return flat
-
-
-def _first_bad(flat: list[Any], ok: Any) -> int:
-    return next(i for i, x in enumerate(flat) if not ok(x))
-
-
-def _json_array(plan: _InputPlan, where: str, limits: Limits) -> npt.NDArray[Any]:
-    flat = _flatten(plan.data or [], plan.count, where)
-    datatype = plan.datatype
-    dtype = DATATYPES[datatype]
-    if datatype == "BOOL":
-        if not all(type(x) is bool for x in flat):
-            i = _first_bad(flat, lambda x: type(x) is bool)
-            raise V2Error(f"{where}.data[{i}] must be true or false for BOOL, got {flat[i]!r:.40}")
-        array = np.array(flat, dtype=dtype)
-    elif datatype in _INT_TYPES:
-        if not all(type(x) is int for x in flat):
-            i = _first_bad(flat, lambda x: type(x) is int)
-            raise V2Error(
-                f"{where}.data[{i}] must be an integer for {datatype}, got {flat[i]!r:.40}"
-            )
-        info = np.iinfo(dtype)
-        lo, hi = int(info.min), int(info.max)
-        if flat and (min(flat) < lo or max(flat) > hi):
-            i = _first_bad(flat, lambda x: lo <= x <= hi)
-            raise V2Error(f"{where}.data[{i}] is outside the range of {datatype} ({lo}..{hi})")
-        array = np.array(flat, dtype=dtype)
-    elif datatype in _FLOAT_TYPES:
-        array = _json_floats(flat, dtype, datatype, where)
-    else:  # BYTES
-        array = np.empty(len(flat), dtype=object)
-        for i, x in enumerate(flat):
-            if not isinstance(x, str):
-                raise V2Error(f"{where}.data[{i}] must be a string for BYTES, got {x!r:.40}")
-            try:
-                encoded = x.encode("utf-8")
-            except UnicodeEncodeError:
-                raise V2Error(f"{where}.data[{i}] is not valid Unicode (lone surrogate)") from None
-            if len(encoded) > limits.max_bytes_element:
-                raise V2Error(
-                    f"{where}.data[{i}] has {len(encoded)} bytes; at most "
-                    f"{limits.max_bytes_element} allowed (max_bytes_element)"
-                )
-            array[i] = encoded
-    return array.reshape(plan.shape)
-
-
-def _json_floats(
-    flat: list[Any], dtype: np.dtype[Any], datatype: str, where: str
-) -> npt.NDArray[Any]:
-    values: list[float] = []
-    special: list[bool] = []
-    for i, x in enumerate(flat):
-        kind = type(x)
-        if kind is float or kind is int:
-            try:
-                values.append(float(x))
-            except OverflowError:
-                raise V2Error(f"{where}.data[{i}] is out of range for {datatype}") from None
-            special.append(False)
-        elif kind is str and x in _NONFINITE_IN:
-            values.append(_NONFINITE_IN[x])
-            special.append(True)
-        else:
-            raise V2Error(
-                f'{where}.data[{i}] must be a number (or "NaN", "Infinity", '
-                f'"-Infinity") for {datatype}, got {x!r:.40}'
-            )
-    source = np.array(values, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        array = source.astype(dtype)
-    overflow = np.isinf(array) & ~np.array(special, dtype=bool)
-    if overflow.any():
-        i = int(np.flatnonzero(overflow)[0])
-        raise V2Error(f"{where}.data[{i}] is out of range for {datatype}")
-    return array
-
-
-def _binary_array(
-    plan: _InputPlan, section: memoryview, where: str, limits: Limits
-) -> npt.NDArray[Any]:
-    datatype = plan.datatype
-    if datatype != "BYTES":
-        dtype = DATATYPES[datatype]
-        raw = np.frombuffer(section, dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
-        if datatype == "BOOL":
-            as_bytes = np.frombuffer(section, dtype=np.uint8)
-            if as_bytes.size and int(as_bytes.max()) > 1:
-                raise V2Error(f"{where}: BOOL binary data must hold only bytes 0 and 1")
-        return raw.astype(dtype).reshape(plan.shape)
-    array = np.empty(plan.count, dtype=object)
-    offset, end, n = 0, len(section), 0
-    while offset < end:
-        if n >= plan.count:
-            raise V2Error(
-                f"{where}: binary BYTES data holds more than the {plan.count} elements "
-                "its shape needs"
-            )
-        if offset + 4 > end:
-            raise V2Error(f"{where}: binary BYTES element {n} has a truncated length prefix")
-        (length,) = struct.unpack_from("<I", section, offset)
-        offset += 4
-        if length > limits.max_bytes_element:
-            raise V2Error(
-                f"{where}: binary BYTES element {n} has {length} bytes; at most "
-                f"{limits.max_bytes_element} allowed (max_bytes_element)"
-            )
-        if offset + length > end:
-            raise V2Error(
-                f"{where}: binary BYTES element {n} length {length} points past the end "
-                "of its binary data"
-            )
-        array[n] = bytes(section[offset : offset + length])
-        offset += length
-        n += 1
-    if n != plan.count:
-        raise V2Error(
-            f"{where}: binary BYTES data holds {n} elements, but its shape needs {plan.count}"
-        )
-    return array.reshape(plan.shape)
-
-
 def decode_infer_request(
     body: bytes,
     *,
     header_length: int | str | None = None,
-    limits: Limits = Limits(),  # frozen: sharing it is safe
+    limits: Limits = Limits(),  # noqa: B008 - frozen: sharing it is safe
 ) -> InferRequest:
     """Decode an OIP V2 inference request body (JSON, or JSON plus binary tensor data).
 
@@ -762,94 +323,6 @@ def _decode_outputs(
 
 
 # ----------------------------------------------------------------------- encoding
-
-
-def tensor_from_array(name: str, array: Any) -> Tensor:
-    """Build a :class:`Tensor` from a numpy array, a (nested) list or a scalar.
-
-    The datatype follows the dtype (:func:`datatype_of`). ``str``/``bytes`` arrays and
-    object arrays holding only ``str``/``bytes`` become BYTES (``str`` as UTF-8). Lists
-    of ``bytes`` keep their exact bytes (numpy ``S`` arrays would drop trailing NULs).
-
-    >>> tensor_from_array("y", [1.5, 2.5]).datatype
-    'FP64'
-    """
-    if isinstance(array, np.ndarray):
-        data = array
-    else:
-        try:
-            data = np.asarray(array)
-        except ValueError:  # mixed str and non-ASCII bytes, ragged lists
-            data = np.array(array, dtype=object)
-        if data.dtype.kind in "US":  # fixed-width strings drop trailing NULs: keep objects
-            data = np.array(array, dtype=object)
-    if data.dtype.kind in "OUS":
-        converted = np.empty(data.shape, dtype=object)
-        flat_in = data.reshape(-1)
-        flat_out = converted.reshape(-1)
-        for i, x in enumerate(flat_in):
-            if isinstance(x, (bytes, bytearray, memoryview, np.bytes_)):
-                flat_out[i] = bytes(x)
-            elif isinstance(x, str):
-                flat_out[i] = x.encode("utf-8")
-            else:
-                raise TypeError(
-                    f"tensor {name!r}: element {i} is {type(x).__name__}; BYTES tensors hold "
-                    "only str or bytes"
-                )
-        data = converted
-    datatype = datatype_of(data)
-    if datatype != "BYTES" and data.dtype != DATATYPES[datatype]:
-        data = data.astype(DATATYPES[datatype])  # native byte order
-    return Tensor(name, datatype, tuple(int(d) for d in data.shape), data)
-
-
-def _json_data(tensor: Tensor) -> list[Any]:
-    flat = tensor.data.reshape(-1)
-    if tensor.datatype == "BYTES":
-        result: list[Any] = []
-        for i, x in enumerate(flat):
-            raw = _bytes_element(tensor, i, x)
-            try:
-                result.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise V2Error(
-                    f"output {tensor.name!r} element {i} is not valid UTF-8 and cannot be sent "
-                    "as JSON; request it with parameters.binary_data_output = true"
-                ) from None
-        return result
-    if tensor.datatype in _FLOAT_TYPES:
-        values: list[Any] = flat.astype(np.float64).tolist()
-        if not np.isfinite(flat).all():
-            for i in np.flatnonzero(~np.isfinite(flat)).tolist():
-                v = values[i]
-                values[i] = "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-        return values
-    plain: list[Any] = flat.tolist()
-    return plain
-
-
-def _bytes_element(tensor: Tensor, i: int, x: Any) -> bytes:
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        return bytes(x)
-    if isinstance(x, str):
-        return x.encode("utf-8")
-    raise TypeError(
-        f"output {tensor.name!r} element {i} is {type(x).__name__}; BYTES holds str or bytes"
-    )
-
-
-def _binary_data(tensor: Tensor) -> bytes:
-    if tensor.datatype != "BYTES":
-        dtype = DATATYPES[tensor.datatype]
-        little = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
-        return np.ascontiguousarray(tensor.data, dtype=little).tobytes()
-    parts: list[bytes] = []
-    for i, x in enumerate(tensor.data.reshape(-1)):
-        raw = _bytes_element(tensor, i, x)
-        parts.append(struct.pack("<I", len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
 
 
 def encode_infer_response(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._predictor import Predictor
-from . import _v2
+from . import _v2_errors
 from ._core import HTTPRequest, HTTPResponse, Service, route_name
 
 __all__ = ["WSGIApp", "create_wsgi_app"]
@@ -103,7 +103,7 @@ def create_wsgi_app(
     predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
     *,
     jobs: Any = None,
-    limits: _v2.Limits | None = None,
+    limits: _v2_errors.Limits | None = None,
     expose_model_errors: bool = False,
     name: str = "servekit",
 ) -> WSGIApp:

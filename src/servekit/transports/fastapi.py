@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._predictor import Predictor
-from . import _v2
+from . import _v2_errors
 from ._asgi import _run
 from ._core import HTTPRequest, HTTPResponse, Service, route_name
 from ._openapi import ERROR_SCHEMA, model_schemas, predict_request_schema, predict_response_schema
@@ -27,7 +27,7 @@ def create_router(
     predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]],
     *,
     jobs: Any = None,
-    limits: _v2.Limits | None = None,
+    limits: _v2_errors.Limits | None = None,
     expose_model_errors: bool = False,
     name: str = "servekit",
 ) -> Any:

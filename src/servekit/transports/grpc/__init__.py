@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..._predictor import Predictor
 from ...errors import DeadlineExceeded, ModelError, Overloaded, ServekitError
-from .. import _v2
+from .. import _v2, _v2_errors
 from .._core import STATUS, Service, _BadRequest, _is_object, _outputs, _rows, _tensor_specs
 from ._codec import decode_infer_request, encode_infer_response
 from ._proto import open_inference_grpc_pb2 as pb
@@ -75,7 +75,7 @@ _log = logging.getLogger("servekit.transports")
 
 #: The default gRPC message limit (both ways) of :func:`create_server`: the REST body
 #: limit (``Limits.max_body_bytes``), where gRPC's own default receive limit is 4 MiB.
-DEFAULT_MAX_MESSAGE_BYTES = _v2.Limits().max_body_bytes
+DEFAULT_MAX_MESSAGE_BYTES = _v2_errors.Limits().max_body_bytes
 
 # HTTP status -> gRPC status code, after Google's mapping between the two
 # (google/rpc/code.proto): the transports' table (STATUS) decides the HTTP status of
@@ -279,7 +279,7 @@ def add_to_server(
     server: Any,
     predictors: Predictor[Any, Any] | Mapping[str, Predictor[Any, Any]] | Service,
     *,
-    limits: _v2.Limits | None = None,
+    limits: _v2_errors.Limits | None = None,
     expose_model_errors: bool = False,
     name: str = "servekit",
     max_message_bytes: int | None = None,
@@ -342,7 +342,7 @@ def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    limits: _v2.Limits | None = None,
+    limits: _v2_errors.Limits | None = None,
     expose_model_errors: bool = False,
     name: str = "servekit",
     options: list[tuple[str, Any]] | None = None,

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _v2
-from .._v2 import DATATYPES, InferRequest, Limits, RequestedOutput, Tensor, V2Error
+from .. import _v2, _v2_tensors
+from .._v2 import InferRequest, RequestedOutput
+from .._v2_errors import Limits, V2Error
+from .._v2_tensors import DATATYPES, Tensor
 from ._proto import open_inference_grpc_pb2 as pb
 
 __all__ = ["decode_infer_request", "encode_infer_response", "parameters"]
@@ -100,7 +102,7 @@ def _set_parameters(target: Any, values: Mapping[str, Any]) -> None:
 
 
 def _typed_array(
-    contents: Any, plan: _v2._InputPlan, where: str, limits: Limits
+    contents: Any, plan: _v2_tensors._InputPlan, where: str, limits: Limits
 ) -> npt.NDArray[Any]:
     datatype: str = plan.datatype
     field = CONTENTS_FIELD.get(datatype)
@@ -149,7 +151,9 @@ def _typed_array(
     return wire.reshape(plan.shape)
 
 
-def _raw_array(raw: bytes, plan: _v2._InputPlan, where: str, limits: Limits) -> npt.NDArray[Any]:
+def _raw_array(
+    raw: bytes, plan: _v2_tensors._InputPlan, where: str, limits: Limits
+) -> npt.NDArray[Any]:
     if plan.datatype != "BYTES":
         needed = plan.count * DATATYPES[plan.datatype].itemsize
         if len(raw) != needed:
@@ -157,7 +161,7 @@ def _raw_array(raw: bytes, plan: _v2._InputPlan, where: str, limits: Limits) -> 
                 f"{where}: its raw_input_contents entry has {len(raw)} bytes, but shape "
                 f"{list(plan.shape)} of {plan.datatype} needs {needed}"
             )
-    return _v2._binary_array(plan, memoryview(raw), where, limits)
+    return _v2_tensors._binary_array(plan, memoryview(raw), where, limits)
 
 
 def decode_infer_request(request: Any, limits: Limits) -> InferRequest:
@@ -192,7 +196,7 @@ def decode_infer_request(request: Any, limits: Limits) -> InferRequest:
             raise V2Error(
                 f"{where}.datatype {datatype[:40]!r} is not one of {', '.join(DATATYPES)}"
             )
-        shape, count = _v2._shape_and_count(list(tensor.shape), where, limits)
+        shape, count = _v2_tensors._shape_and_count(list(tensor.shape), where, limits)
         total += count
         if total > limits.max_total_elements:
             raise V2Error(
@@ -200,7 +204,7 @@ def decode_infer_request(request: Any, limits: Limits) -> InferRequest:
                 "(max_total_elements)"
             )
         tensor_params = parameters(tensor.parameters)
-        plan = _v2._InputPlan(name, datatype, shape, count, tensor_params, None, None)
+        plan = _v2_tensors._InputPlan(name, datatype, shape, count, tensor_params, None, None)
         if raw:
             if tensor.HasField("contents") and tensor.contents.ListFields():
                 raise V2Error(
@@ -237,7 +241,7 @@ def decode_infer_request(request: Any, limits: Limits) -> InferRequest:
 def _typed_values(tensor: Tensor) -> list[Any]:
     flat = tensor.data.reshape(-1)
     if tensor.datatype == "BYTES":
-        return [_v2._bytes_element(tensor, i, x) for i, x in enumerate(flat)]
+        return [_v2_tensors._bytes_element(tensor, i, x) for i, x in enumerate(flat)]
     values: list[Any] = flat.tolist()
     return values
 
@@ -263,7 +267,7 @@ def encode_infer_response(
         if tensor.parameters:
             _set_parameters(out.parameters, tensor.parameters)
         if raw:
-            response.raw_output_contents.append(_v2._binary_data(tensor))
+            response.raw_output_contents.append(_v2_tensors._binary_data(tensor))
         else:
             getattr(out.contents, CONTENTS_FIELD[tensor.datatype]).extend(_typed_values(tensor))
     return response
