@@ -30,7 +30,7 @@ from servekit.jobs import (
     SQLiteJobStore,
     StoreUnavailable,
 )
-from servekit.jobs._sqlite import SCHEMA_VERSION
+from servekit.jobs._sqlite_schema import SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -419,16 +419,16 @@ def test_churn_of_100k_jobs_with_retention_keeps_the_file_bounded(db: Path) -> N
 def test_a_store_on_a_network_file_system_is_refused(
     db: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from servekit.jobs import _sqlite
+    from servekit.jobs import _sqlite_schema
 
-    monkeypatch.setattr(_sqlite, "filesystem_type", lambda path: kind)
+    monkeypatch.setattr(_sqlite_schema, "filesystem_type", lambda path: kind)
     with pytest.raises(StoreUnavailable, match=f"{kind} file system.*local disk"):
         SQLiteJobStore(db)
     assert not db.exists()
 
 
 def test_the_file_system_of_a_local_path_is_read_from_mountinfo(tmp_path: Path) -> None:
-    from servekit.jobs._sqlite import filesystem_type
+    from servekit.jobs._sqlite_schema import filesystem_type
 
     kind = filesystem_type(tmp_path / "jobs.db")
     if Path("/proc/self/mountinfo").exists():

@@ -20,7 +20,9 @@ in this process or in ``servekit jobs worker`` processes sharing the store.
 from __future__ import annotations
 
 from ._counts import JobQueueStatistics, JobStoreStatistics
-from ._queue import JobQueue, job_dict, report_progress, webhook_body
+from ._queue import JobQueue
+from ._queue_webhooks import webhook_body
+from ._queue_workers import report_progress
 from ._records import (
     CallbackState,
     IdempotencyConflict,
@@ -31,6 +33,7 @@ from ._records import (
     StoreUnavailable,
     decode_payload,
     encode_payload,
+    job_dict,
 )
 from ._sqlite import SQLiteJobStore
 from ._store import JobStore, MemoryJobStore

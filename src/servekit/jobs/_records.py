@@ -39,6 +39,7 @@ __all__ = [
     "StoreUnavailable",
     "decode_payload",
     "encode_payload",
+    "job_dict",
 ]
 
 # The single key of the object that stands for a numpy array in stored JSON.
@@ -274,3 +275,19 @@ def decode_payload(text: object) -> Any:
         raise
     except (ValueError, RecursionError) as exc:
         raise InvalidJobPayload(f"a stored job payload is not valid JSON: {exc}") from exc
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    """The public fields of a job as a JSON-ready dict (numpy arrays left as arrays;
+    :func:`encode_payload` encodes them)."""
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "result": job.result,
+        "error": job.error,
+        "attempts": job.attempts,
+        "progress": job.progress,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
