@@ -1200,3 +1200,47 @@ def test_stacked_at_submission_a_cancelled_item_leaves_a_hole_that_is_not_sent()
         got = asyncio.run(main())
     assert got == [2.0 * i for i in range(40) if i not in (3, 20)]
     assert sorted(seen) == [float(i) for i in range(40) if i not in (3, 20)]
+
+
+def test_caller_threads_on_a_stacking_batcher_share_batches_and_get_their_own_rows() -> None:
+    # Caller threads' arrays of the stacked shape take submit's inlined path; arrays of
+    # another dtype (cast) or shape, and another priority level, take the general one.
+    # All share the queue, and each caller gets its own row back.
+    import numpy as np
+
+    gate = threading.Event()
+    gate.set()
+    batches: list[tuple[int, ...]] = []
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        gate.wait(WAIT_S)
+        batches.append(batch.shape)
+        return batch * 2
+
+    def item(i: int) -> np.ndarray:
+        if i % 9 == 0:
+            return np.full(3, float(i))  # float64: cast at formation
+        if i % 11 == 0:
+            return np.full(2, float(i), np.float32)  # another shape: its own batches
+        return np.full(3, float(i), np.float32)
+
+    with (
+        Batcher(fn, collate=sk.Stack(dtype="float32"), max_batch_size=8) as b,
+        ThreadPoolExecutor(16) as pool,
+    ):
+        b.submit(np.zeros(3, np.float32))  # runs alone; sets the stacked shape
+        gate.clear()
+        first = pool.submit(b.submit, np.full(3, -1.0, np.float32))  # holds the slot
+        wait_until(lambda: b.statistics().running_batches == 1)
+        futures = [
+            pool.submit(b.submit, item(i), priority=1 if i % 13 == 0 else 0) for i in range(64)
+        ]
+        wait_until(lambda: b.statistics().queue_depth == 15)  # every other pool thread waits
+        gate.set()
+        got = [f.result(WAIT_S) for f in futures]
+        np.testing.assert_array_equal(first.result(WAIT_S), np.full(3, -2.0))
+    for i, out in enumerate(got):
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, 2 * item(i).astype(np.float32))
+    assert all(shape[1:] in {(3,), (2,)} for shape in batches)
+    assert max(shape[0] for shape in batches) > 1
