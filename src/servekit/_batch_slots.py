@@ -17,7 +17,7 @@ import asyncio
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -44,6 +44,8 @@ _CLOSED = 4  # every thread joined
 
 # Weight of the newest batch duration in the moving average behind retry_after_s.
 _EWMA_ALPHA = 0.2
+# retry_after_s hint before any batch has been timed.
+_DEFAULT_RETRY_AFTER_S = 0.05
 # Batches taking at most this long (moving average) run on their callers' event loop
 # under load, not on a slot thread: a hand-off to a thread and back costs two wake-ups,
 # each tens of microseconds on a busy or virtual machine, which is more than such a
@@ -393,6 +395,14 @@ class BatchSlots:
         """
         return np.empty((self._buf_len, *self._stack_shape), self._stack_dtype)
 
+    def _retry_after_locked(self) -> float:
+        """Seconds until a full queue likely has room (for Overloaded.retry_after_s)."""
+        # The queue frees max_batch_size places each time a slot takes a batch, which
+        # happens about every batch duration / slots.
+        if self._batch_s <= 0.0:
+            return _DEFAULT_RETRY_AFTER_S
+        return max(self._batch_s / self.max_concurrent_batches, 0.001)
+
     # -- settling its callers --------------------------------------------------------
     def _account_locked(self, size: int, elapsed: float) -> None:
         """Count a finished batch of ``size`` items that ran ``elapsed`` seconds, and
@@ -608,6 +618,15 @@ class BatchSlots:
             loop.call_soon(self._drain_on_loop, loop)
 
     # -- a caller giving up ----------------------------------------------------------
+    def _abandon(self, records: Iterable[Pending]) -> None:
+        """A caller thread's wait raised (a signal handler's KeyboardInterrupt, say):
+        give its records up, and pass on the wake-up each record a worker settled first
+        owes the next caller thread of its batch (without it they would wait forever)."""
+        for record in records:
+            self._give_up(record, Cancelled("the caller was interrupted while it waited"))
+            if record.chain is not None:  # final: linked under the lock _give_up took
+                record.chain.wake()
+
     def _give_up(self, record: Pending, error: BaseException, *, expired: bool = False) -> None:
         """The caller stops waiting: settle its record with ``error`` unless already settled.
 

@@ -84,8 +84,6 @@ _monotonic = time.monotonic
 # The running asyncio loop, or None (trio, or no loop): no exception to catch.
 _get_running_loop = asyncio._get_running_loop
 
-# retry_after_s hint before any batch has been timed.
-_DEFAULT_RETRY_AFTER_S = 0.05
 # Batches' worth of rows in one buffer of a stacking batcher (see Batcher._new_buffer).
 _STACK_BUFFER_BATCHES = 4
 
@@ -485,15 +483,6 @@ class Batcher(BatchSlots, Generic[In, Out]):
             record.chain.wake()
         return record
 
-    def _abandon(self, records: Iterable[Pending]) -> None:
-        """A caller thread's wait raised (a signal handler's KeyboardInterrupt, say):
-        give its records up, and pass on the wake-up each record a worker settled first
-        owes the next caller thread of its batch (without it they would wait forever)."""
-        for record in records:
-            self._give_up(record, Cancelled("the caller was interrupted while it waited"))
-            if record.chain is not None:  # final: linked under the lock _give_up took
-                record.chain.wake()
-
     def _outcomes(self, xs: Iterable[Any], timeout_s: float | None, priority: int) -> list[Any]:
         """Submit many items at once, then wait for all: one outcome per item, in order.
 
@@ -750,13 +739,6 @@ class Batcher(BatchSlots, Generic[In, Out]):
             self._fn_loop_safe = loop_safe
             if not self._slots_given:
                 self.max_concurrent_batches = slots
-
-    def _retry_after_locked(self) -> float:
-        # The queue frees max_batch_size places each time a slot takes a batch, which
-        # happens about every batch duration / slots.
-        if self._batch_s <= 0.0:
-            return _DEFAULT_RETRY_AFTER_S
-        return max(self._batch_s / self.max_concurrent_batches, 0.001)
 
     # -- accounting ------------------------------------------------------------------
 
