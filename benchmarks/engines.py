@@ -42,21 +42,55 @@ ROW_S = 0.8  # seconds of closed-loop load per measurement
 CLIENTS = 64
 
 
-class AsyncEngine:
+class _Engine:
+    """One engine thread taking batches of up to BATCH records from a locked list."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._queue: list[Any] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._engine, name=type(self).__name__)
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the engine thread (after what is queued)."""
+        with self._lock:
+            self._stopped = True
+            self._ready.notify()
+        self._thread.join()
+
+    def _take(self) -> list[Any] | None:
+        """The next batch, waiting for one; None once closed and drained."""
+        with self._lock:
+            while not self._queue and not self._stopped:
+                self._ready.wait()
+            batch = self._queue[:BATCH]
+            del self._queue[:BATCH]
+        return batch or None
+
+    def _engine(self) -> None:
+        while (batch := self._take()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+
+class AsyncEngine(_Engine):
     """The reference for asyncio callers (see the module docstring)."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> None:
-        self._fn = fn
+        super().__init__(fn)
         self._shape = shape
-        self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._queue: list[tuple[asyncio.Future[Any], np.ndarray, int]] = []
         self._rows = 0
         self._size = 4 * BATCH
         self._buf = np.empty((self._size, *shape), np.float32)
-        self._stopped = False
-        self._thread = threading.Thread(target=self._engine, name="reference-async")
-        self._thread.start()
+        self.start()
 
     async def asubmit(self, x: np.ndarray) -> Any:
         """The model's output row for ``x``."""
@@ -72,49 +106,29 @@ class AsyncEngine:
                 self._ready.notify()
         return await future
 
-    def close(self) -> None:
-        """Stop the engine thread (after what is queued)."""
-        with self._lock:
-            self._stopped = True
-            self._ready.notify()
-        self._thread.join()
-
     @staticmethod
     def _set(futures: list[asyncio.Future[Any]], outputs: np.ndarray) -> None:
         for future, output in zip(futures, outputs, strict=True):
             if not future.done():
                 future.set_result(output)
 
-    def _engine(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stopped:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[:BATCH]
-                del self._queue[:BATCH]
-            _, buf, row = batch[0]
-            low, n = row % self._size, len(batch)
-            if batch[-1][1] is buf and low + n <= self._size:
-                x = buf[low : low + n]  # consecutive rows of one buffer: a view
-            else:
-                x = np.stack([b[r % self._size] for _, b, r in batch])
-            futures = [future for future, _, _ in batch]
-            futures[0].get_loop().call_soon_threadsafe(self._set, futures, self._fn(x))
+    def _run(self, batch: list[tuple[asyncio.Future[Any], np.ndarray, int]]) -> None:
+        _, buf, row = batch[0]
+        low, n = row % self._size, len(batch)
+        if batch[-1][1] is buf and low + n <= self._size:
+            x = buf[low : low + n]  # consecutive rows of one buffer: a view
+        else:
+            x = np.stack([b[r % self._size] for _, b, r in batch])
+        futures = [future for future, _, _ in batch]
+        futures[0].get_loop().call_soon_threadsafe(self._set, futures, self._fn(x))
 
 
-class ThreadEngine:
+class ThreadEngine(_Engine):
     """The reference for caller threads (see the module docstring)."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
-        self._fn = fn
-        self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._queue: list[list[Any]] = []  # [item, own lock, output, next caller's lock]
-        self._stopped = False
-        self._thread = threading.Thread(target=self._engine, name="reference-threads")
-        self._thread.start()
+        super().__init__(fn)  # records: [item, own lock, output, next caller's lock]
+        self.start()
 
     def submit(self, x: np.ndarray) -> Any:
         """The model's output row for ``x``."""
@@ -130,27 +144,12 @@ class ThreadEngine:
             record[3].release()
         return record[2]
 
-    def close(self) -> None:
-        """Stop the engine thread (after what is queued)."""
-        with self._lock:
-            self._stopped = True
-            self._ready.notify()
-        self._thread.join()
-
-    def _engine(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stopped:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[:BATCH]
-                del self._queue[:BATCH]
-            outputs = self._fn(np.stack([record[0] for record in batch]))
-            for record, following, output in zip(batch, [*batch[1:], None], outputs, strict=True):
-                record[2] = output
-                record[3] = None if following is None else following[1]
-            batch[0][1].release()
+    def _run(self, batch: list[list[Any]]) -> None:
+        outputs = self._fn(np.stack([record[0] for record in batch]))
+        for record, following, output in zip(batch, [*batch[1:], None], outputs, strict=True):
+            record[2] = output
+            record[3] = None if following is None else following[1]
+        batch[0][1].release()
 
 
 def async_load(asubmit: Callable[[np.ndarray], Coroutine[Any, Any, Any]]) -> Callable[[], float]:

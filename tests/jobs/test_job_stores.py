@@ -182,6 +182,16 @@ def test_ids_are_128_bit_random_and_unique(store: JobStore) -> None:
     assert all(len(i) >= 22 for i in ids)  # token_urlsafe(16): 16 bytes = 128 bits
 
 
+def test_an_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # token_urlsafe starts with "-" one time in 64; such an id read as an option in
+    # `servekit jobs show ID` (seen in CI). The draws are made to start with it.
+    from servekit.jobs import _store
+
+    draws = iter(["-dash-first-xxxxxxxxxxx", "-again-xxxxxxxxxxxxxxx", "Plain-id-xxxxxxxxxxxxx"])
+    monkeypatch.setattr(_store.secrets, "token_urlsafe", lambda n: next(draws))
+    assert _store.new_job_id() == "Plain-id-xxxxxxxxxxxxx"
+
+
 def test_claim_is_fifo_and_respects_limit(store: JobStore) -> None:
     ids = [store.submit(i).id for i in range(5)]
     assert [j.id for j in store.claim("w", 30, limit=3)] == ids[:3]

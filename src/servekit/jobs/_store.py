@@ -168,8 +168,13 @@ class JobStore(Protocol):
 
 
 def new_job_id() -> str:
-    """A fresh job id: 128 random bits, URL-safe, 22 characters (SEC-10)."""
-    return secrets.token_urlsafe(16)
+    """A fresh job id: 128 random bits, URL-safe, 22 characters (SEC-10), never
+    starting with ``-``: such an id reads as an option on a command line
+    (``servekit jobs show -AbC...`` fails), one id in 64 before this rule."""
+    while True:
+        job_id = secrets.token_urlsafe(16)
+        if not job_id.startswith("-"):
+            return job_id
 
 
 def check_positive(name: str, value: float) -> None:
