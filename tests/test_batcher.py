@@ -1244,3 +1244,115 @@ def test_caller_threads_on_a_stacking_batcher_share_batches_and_get_their_own_ro
         np.testing.assert_array_equal(out, 2 * item(i).astype(np.float32))
     assert all(shape[1:] in {(3,), (2,)} for shape in batches)
     assert max(shape[0] for shape in batches) > 1
+
+
+def test_stacked_at_submission_two_loops_threads_and_deadlines_share_one_queue() -> None:
+    # Records queued by asubmit's hot path on one loop form batches with no check per
+    # record (Pending.odd); a second loop's records, caller threads' and items with a
+    # deadline queued among them are odd and take the checked formation. Batches mix
+    # both kinds, and two priority levels leave holes in each other's buffer rows;
+    # each caller gets its own row, and the odd count goes back to 0.
+    import asyncio
+
+    import numpy as np
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.0005)  # too slow for the loop slot: batches run on the slot thread
+        return batch * 2
+
+    results: dict[str, list[float]] = {}
+
+    def loop_caller(name: str, base: float) -> None:
+        async def client(i: int) -> list[float]:
+            out = []
+            for k in range(20):
+                x = np.full(3, base + 100 * i + k, np.float32)
+                timeout_s = 30.0 if k % 7 == 3 else None  # a deadline: not plain
+                priority = i % 2  # level 1 exists: plain records go there too
+                out.append(float((await b.asubmit(x, timeout_s=timeout_s, priority=priority))[0]))
+            return out
+
+        async def main() -> list[float]:
+            got = await asyncio.gather(*(client(i) for i in range(24)))
+            return [x for rows in got for x in rows]
+
+        results[name] = asyncio.run(main())
+
+    def thread_caller(name: str, base: float) -> None:
+        results[name] = [float(b.submit(np.full(3, base + k, np.float32))[0]) for k in range(60)]
+
+    with Batcher(fn, collate=sk.Stack(), max_batch_size=16) as b:
+        b.submit(np.zeros(3, np.float32))  # runs alone; sets the stacked shape
+        b.submit(np.zeros(3, np.float32), priority=1)  # makes level 1
+        workers = [
+            threading.Thread(target=loop_caller, args=("a", 0.0)),
+            threading.Thread(target=loop_caller, args=("b", 10_000.0)),
+            threading.Thread(target=thread_caller, args=("c", 20_000.0)),
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(WAIT_S * 3)
+        assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
+        stats = b.statistics()
+        assert (b._depth, b._odd) == (0, 0)  # the counters of the invariants, back to 0
+    for name, base in (("a", 0.0), ("b", 10_000.0)):
+        assert results[name] == [2 * (base + 100 * i + k) for i in range(24) for k in range(20)]
+    assert results["c"] == [2 * (20_000.0 + k) for k in range(60)]
+    assert stats.succeeded == 2 + 2 * 24 * 20 + 60
+    assert stats.mean_batch_size > 2
+
+
+def test_stacked_at_submission_holes_in_the_rows_of_a_plain_batch() -> None:
+    # One loop's hot-path records (no check per record at formation) in two priority
+    # levels, so each level's rows have holes where the other's are, and two callers
+    # cancelled while queued leave two more: each batch is made of the right rows.
+    import asyncio
+
+    import numpy as np
+
+    gate = threading.Event()
+    gate.set()
+    seen: list[float] = []
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        gate.wait(WAIT_S)
+        seen.extend(float(row[0]) for row in batch)
+        return batch * 2
+
+    def item(i: int) -> np.ndarray:
+        return np.full(3, float(i), np.float32)
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.ensure_future(b.asubmit(item(i), priority=i % 2)) for i in range(48)]
+        await asyncio.sleep(0)  # all queued, behind the batch holding the slot
+        assert b.statistics().queue_depth == 48
+        tasks[6].cancel()
+        tasks[31].cancel()
+        await asyncio.sleep(0)  # the cancelled tasks give their records up
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    # inline_max_s=0: every batch runs on the slot thread, none on the loop.
+    with (
+        Batcher(fn, collate=sk.Stack(), max_batch_size=16, inline_max_s=0) as b,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        b.submit(item(-1))  # sets the stacked shape
+        b.submit(item(-1), priority=1)  # makes level 1
+        gate.clear()
+        holder = pool.submit(b.submit, item(-2))
+        wait_until(lambda: b.statistics().running_batches == 1)
+        seen.clear()
+        done = asyncio.run(main())
+        np.testing.assert_array_equal(holder.result(WAIT_S), 2 * item(-2))
+    for i, out in enumerate(done):
+        if i in (6, 31):
+            assert isinstance(out, asyncio.CancelledError)
+        else:
+            np.testing.assert_array_equal(out, 2 * item(i))
+    assert seen[0] == -2.0
+    # Level 0 first (strict priorities), in batches of 16 and the rest; then level 1.
+    evens = [float(i) for i in range(0, 48, 2) if i != 6]
+    odds = [float(i) for i in range(1, 48, 2) if i != 31]
+    assert seen[1:] == evens + odds

@@ -121,6 +121,10 @@ class Pending:
     outcome: Any = None  # the output, or a Failure
     buf: Any = None  # a Stack batcher's buffer holding a copy of item (see Batcher._new_buffer)
     row: int = -1  # its row number over all the buffers (see Batcher._new_buffer); -1: none
+    # False only for a record queued by asubmit's hot path on the batcher's current
+    # loop: no deadline, cost 1, the batcher's one group, a buffer row of a stacking
+    # batcher. A batch of such records only is formed with no check per record.
+    odd: bool = False
 
 
 def unwrap(outcome: Any) -> Any:

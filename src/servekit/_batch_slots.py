@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 import anyio.lowlevel
@@ -57,6 +57,11 @@ _LOOP_SLOT_MAX_S = 50e-6
 _FUTURE = asyncio.Future
 _NDARRAY = np.ndarray
 
+# A batch as formation takes it: its live records, the records found expired on the
+# way, and the loop all the live records' callers await on when formation knows it
+# (a batch of plain records, see Pending.odd), else None.
+_Formed: TypeAlias = "tuple[list[Pending], list[Pending], asyncio.AbstractEventLoop | None]"
+
 
 def _single_loop(batch: list[Pending]) -> asyncio.AbstractEventLoop | None:
     """The event loop whose futures every record of ``batch`` waits on, or None."""
@@ -91,6 +96,8 @@ class BatchSlots:
     _uniform: bool
     _loop_slot: bool
     _drain_loop: asyncio.AbstractEventLoop | None
+    _odd: int
+    _plain_loop: asyncio.AbstractEventLoop | None
     _stacking: bool
     _stack_shape: Any
     _stack_dtype: Any
@@ -128,19 +135,19 @@ class BatchSlots:
                     taken = self._take_locked()
                     if taken is None:
                         return
-                    batch, expired = taken
+                    batch, expired, waits_on = taken
                     if batch:
                         self._running += 1
                 if expired:
                     wake_all([record.waiter for record in expired])
                 if batch:
-                    self._run(fn, loop, batch)
+                    self._run(fn, loop, batch, waits_on)
         finally:
             if loop is not None:
                 loop.close()
 
-    def _take_locked(self) -> tuple[list[Pending], list[Pending]] | None:
-        """Wait for a batch and take it: (live records, records expired on the way).
+    def _take_locked(self) -> _Formed | None:
+        """Wait for a batch and take it (see :meth:`_form_locked`).
 
         None when the worker should exit. Called with the lock held; waits on the
         condition, never polls.
@@ -177,19 +184,50 @@ class BatchSlots:
         assert first is not None  # called only when something is queued
         return first
 
-    def _form_locked(self) -> tuple[list[Pending], list[Pending]]:
+    def _form_locked(self, on_loop: bool = False) -> _Formed:
+        """Take the next batch from the queue: (live records, records expired on the
+        way, the loop every live record's caller awaits on when formation knows it).
+
+        ``on_loop``: formed on the callers' event loop (the loop slot), where a
+        cancelled caller's task has not yet given its record up.
+        """
         queue = self._pick_level_locked()
-        batch: list[Pending] = []
+        if not self._odd:
+            # Every queued record came by asubmit's hot path on one loop (Pending.odd):
+            # no deadline, cost 1, one group, buffer rows in order. Taken from the head
+            # with no check per record: this runs on the slot thread between two
+            # batches, while the model waits (about 5 µs of checks for 32 records).
+            limit = self.max_batch_size
+            if len(queue) <= limit:
+                batch = list(queue)
+                queue.clear()
+            else:
+                popleft = queue.popleft
+                batch = [popleft() for _ in range(limit)]
+            for record in batch:
+                record.queued = False
+            self._depth -= len(batch)
+            self._cost -= len(batch)
+            if on_loop:
+                batch = self._drop_all_cancelled_locked(batch)
+            # A slot thread may take the record of a caller just cancelled: its result
+            # is dropped, as for a caller cancelled while its batch runs.
+            if not self._depth and self._state == _CLOSING:
+                self._drained.notify_all()
+            return batch, [], self._plain_loop
+        batch = []
         expired: list[Pending] = []
         now = _monotonic()
         if self._uniform:
             # Every item costs 1 and all may share a batch: take from the head, drop the
-            # expired. The common case, and on the slot's GIL-holding path.
+            # expired.
             limit = self.max_batch_size
             taken = 0
             while queue and len(batch) < limit:
                 record = queue.popleft()
                 record.queued = False
+                if record.odd:
+                    self._odd -= 1
                 taken += 1
                 deadline = record.deadline
                 waiter = record.waiter
@@ -209,7 +247,16 @@ class BatchSlots:
             self._expired += len(expired)
         if not self._depth and self._state == _CLOSING:
             self._drained.notify_all()
-        return batch, expired
+        return batch, expired, None
+
+    def _drop_all_cancelled_locked(self, batch: list[Pending]) -> list[Pending]:
+        """``batch`` without the records of cancelled asyncio callers (settled here)."""
+        live = [record for record in batch if not record.waiter.done()]  # type: ignore[union-attr]
+        if len(live) < len(batch):
+            for record in batch:
+                if record.waiter.done():  # type: ignore[union-attr]  # plain: futures
+                    self._drop_cancelled_locked(record)
+        return live
 
     def _drop_cancelled_locked(self, record: Pending) -> None:
         """Settle a record taken from the queue whose asyncio caller was cancelled.
@@ -251,6 +298,8 @@ class BatchSlots:
                 batch.append(record)
                 budget -= record.size
             record.queued = False
+            if record.odd:
+                self._odd -= 1
             self._depth -= 1
             self._cost -= record.size
         queue.extendleft(reversed(skipped))
@@ -261,13 +310,16 @@ class BatchSlots:
         fn: Callable[[list[Any]], Any],
         loop: asyncio.AbstractEventLoop | None,
         batch: list[Pending],
+        waits_on: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """Run ``batch`` (``fn`` on the slot's private ``loop`` for a coroutine
+        function) and settle its callers; ``waits_on`` as :meth:`_form_locked` says."""
         started = _monotonic()
         running_batch.records = batch
         tag: Any = None
         try:
             if self._stacking:  # a sync fn of arrays, never a Predictor's back end
-                outcomes = self._run_stacked(batch)
+                outcomes = self._run_stacked(batch, waits_on is not None)
             else:
                 items = [record.item for record in batch]
                 if self._fn_isolates:
@@ -289,7 +341,7 @@ class BatchSlots:
         # settled on that loop, in one call, and the batch is accounted for there: the
         # slot thread, whose serial work bounds throughput, then does nothing per item
         # after the batch function returns, and only frees its slot under the lock.
-        loop = _single_loop(batch)
+        loop = waits_on or _single_loop(batch)
         with self._lock:
             self._running -= 1
             if self._waiting and self._depth and self._drain_loop is None:
@@ -317,7 +369,7 @@ class BatchSlots:
         if others:
             wake_all(others)
 
-    def _run_stacked(self, batch: list[Pending]) -> Any:
+    def _run_stacked(self, batch: list[Pending], plain: bool) -> Any:
         """Outcomes of a stacking batch: the model on the batch array made at submission.
 
         An array of outputs (not of objects) with one row per item is returned as it
@@ -327,7 +379,7 @@ class BatchSlots:
         """
         run_fn = self._run_fn
         assert run_fn is not None
-        array = self._batch_array(batch)
+        array = self._batch_array(batch, plain)
         if array is None:
             return run_batch(run_fn, [record.item for record in batch])
         fn, collate = self._fn, self.collate
@@ -348,19 +400,25 @@ class BatchSlots:
             result = exc
         return isolate(run_fn, [record.item for record in batch], result)
 
-    def _batch_array(self, batch: list[Pending]) -> Any:
+    def _batch_array(self, batch: list[Pending], plain: bool) -> Any:
         """The batch array of a stacking batch, made from its items' buffer rows; None
         when an item has no row (it was stacked at formation: collate them all there).
 
         Consecutive rows (the common case, one loop's callers) are a view of one buffer,
         or one ``np.concatenate`` of two; otherwise each run of consecutive rows is a
-        slice and the slices are joined.
+        slice and the slices are joined. ``plain``: every record has a row, in
+        increasing order (a batch of plain records), so the end rows tell whether they
+        are consecutive.
         """
         first = batch[0]
         start = first.row
         n = len(batch)
         size = self._buf_len
-        if start >= 0 and [record.row for record in batch] == list(range(start, start + n)):
+        if (
+            batch[-1].row - start == n - 1
+            if plain
+            else start >= 0 and [record.row for record in batch] == list(range(start, start + n))
+        ):
             low = start % size
             if low + n <= size:
                 return first.buf[low : low + n]
@@ -565,6 +623,8 @@ class BatchSlots:
                 and self._running < self.max_concurrent_batches
             ):
                 self._levels[record.priority].remove(record)
+                if record.odd:
+                    self._odd -= 1
                 self._depth -= 1
                 self._cost -= record.size
                 record.queued = False
@@ -595,7 +655,7 @@ class BatchSlots:
                 and self._running < self.max_concurrent_batches
                 and self._state in (_OPEN, _CLOSING)
             ):
-                batch, expired = self._form_locked()
+                batch, expired, waits_on = self._form_locked(on_loop=True)
                 if batch:
                     self._running += 1
         try:
@@ -603,7 +663,7 @@ class BatchSlots:
                 wake_all([record.waiter for record in expired])
             if batch:
                 assert self._run_fn is not None
-                self._run(self._run_fn, None, batch)
+                self._run(self._run_fn, None, batch, waits_on)
         finally:
             with self._lock:
                 # Only after a batch ran here: with every slot busy, the slot threads take
@@ -645,6 +705,8 @@ class BatchSlots:
             if record.queued:
                 record.queued = False
                 self._levels[record.priority].remove(record)  # O(queue), bounded by max_queue
+                if record.odd:
+                    self._odd -= 1
                 self._depth -= 1
                 self._cost -= record.size
                 if not self._depth and self._state == _CLOSING:

@@ -29,7 +29,9 @@ This module is the callers' side (options, lifecycle, submission, statistics);
 Invariants (all under ``self._lock``):
 
 * a record is in ``self._levels[record.priority]`` iff ``record.queued``, and ``_depth``
-  and ``_cost`` count exactly the queued records;
+  and ``_cost`` count exactly the queued records, ``_odd`` those with ``record.odd``;
+* every queued record that is not odd awaits on ``self._plain_loop`` (which changes only
+  while the queue is empty);
 * ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
   settles a record wakes its caller, unless the caller settled it itself (it gave up).
   The one settling done without the lock: a finished batch whose callers all await on
@@ -227,6 +229,10 @@ class Batcher(BatchSlots, Generic[In, Out]):
         # the loop that has a drain scheduled (None: none has).
         self._loop_slot = False
         self._drain_loop: asyncio.AbstractEventLoop | None = None
+        # Queued records that are odd (not from asubmit's hot path on _plain_loop, see
+        # Pending.odd); with none, a batch is formed with no check per record.
+        self._odd = 0
+        self._plain_loop: asyncio.AbstractEventLoop | None = None
         # Decided at start: a Stack collation done at submission (see _new_buffer),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
         self._stacking = False
@@ -352,7 +358,7 @@ class Batcher(BatchSlots, Generic[In, Out]):
                 leftover = [record for level in self._levels.values() for record in level]
                 for level in self._levels.values():
                     level.clear()
-                self._depth = self._cost = 0
+                self._depth = self._cost = self._odd = 0
                 error = Closed(
                     f"batcher {self.name!r} closed before this item was sent "
                     f"(grace_s={grace_s} ran out); retry on a new Batcher"
@@ -450,9 +456,11 @@ class Batcher(BatchSlots, Generic[In, Out]):
                 queued = self._state == _OPEN and self._depth < self.max_queue and level is not None
                 if queued:
                     record.seq = self._formed
+                    record.odd = True
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
                     self._depth += 1
                     self._cost += 1
+                    self._odd += 1
                     if self._waiting:
                         self._ready.notify()
             if not queued:  # closed, full, or a new priority level: the general path
@@ -560,6 +568,12 @@ class Batcher(BatchSlots, Generic[In, Out]):
                         buf = record.buf = self._buf
                         buf[row % self._buf_len] = x
                         record.row = row
+                    if loop is not self._plain_loop:
+                        if self._depth:  # others' records are queued: this one is odd
+                            record.odd = True
+                            self._odd += 1
+                        else:
+                            self._plain_loop = loop
                     record.seq = self._formed
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
                     self._depth += 1
@@ -704,9 +718,11 @@ class Batcher(BatchSlots, Generic[In, Out]):
                 level = self._levels[priority] = deque()
                 bisect.insort(self._priorities, priority)
             record.seq = self._formed
+            record.odd = True
             level.append(record)
             self._depth += 1
             self._cost += record.size
+            self._odd += 1
             if self._waiting and notify:
                 # Condition.notify costs ~0.5 µs even with nobody waiting; under load
                 # every worker is busy, so most submissions skip it.
