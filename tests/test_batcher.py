@@ -1356,3 +1356,29 @@ def test_stacked_at_submission_holes_in_the_rows_of_a_plain_batch() -> None:
     evens = [float(i) for i in range(0, 48, 2) if i != 6]
     odds = [float(i) for i in range(1, 48, 2) if i != 31]
     assert seen[1:] == evens + odds
+
+
+def test_statistics_count_batches_settled_on_the_callers_loop() -> None:
+    # Batches whose callers all await on one loop are counted there without the lock
+    # (a tally folded every few batches); statistics() folds what is pending first.
+    import asyncio
+
+    def fn(xs: list[int]) -> list[Any]:
+        time.sleep(0.0002)  # too slow for the loop slot: settled on the loop from a slot
+        return [ValueError("bad") if x == 13 else x + 1 for x in xs]
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(b.asubmit(i) for i in range(300)), return_exceptions=True)
+
+    with Batcher(fn, max_batch_size=8) as b:
+        b.submit(0)  # one batch timed
+        got = asyncio.run(main())
+        stats = b.statistics()
+    assert [x for i, x in enumerate(got) if i != 13] == [i + 1 for i in range(300) if i != 13]
+    assert isinstance(got[13], sk.ModelError)
+    assert stats.items == 301
+    assert stats.succeeded == 300 and stats.failed == 1
+    assert sum(size * count for size, count in stats.batch_sizes.items()) == 301
+    assert stats.batches == sum(stats.batch_sizes.values())
+    assert stats.queue_wait.count == 301
+    assert stats.run_time.count == stats.batches

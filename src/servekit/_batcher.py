@@ -233,6 +233,9 @@ class Batcher(BatchSlots, Generic[In, Out]):
         # Pending.odd); with none, a batch is formed with no check per record.
         self._odd = 0
         self._plain_loop: asyncio.AbstractEventLoop | None = None
+        # Batches settled on event loops and not yet counted: (size, seconds, settled,
+        # failed, queue waits), folded into the counters below under the lock.
+        self._tally: deque[tuple[int, float, int, int, list[float]]] = deque()
         # Decided at start: a Stack collation done at submission (see _new_buffer),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
         self._stacking = False
@@ -787,6 +790,7 @@ class Batcher(BatchSlots, Generic[In, Out]):
     def statistics(self) -> BatcherStatistics:
         """A consistent snapshot of the counters."""
         with self._lock:
+            self._fold_tally_locked()
             return BatcherStatistics(
                 queue_depth=self._depth,
                 running_batches=self._running,
