@@ -65,6 +65,15 @@ def batcher_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("servekit-batcher")]
 
 
+def run_callers(workers: list[threading.Thread]) -> None:
+    """Start caller threads and wait for them; fail if one never got its answer."""
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(WAIT_S * 3)
+    assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
+
+
 def start_blocker(pool: ThreadPoolExecutor, b: Batcher[Any, Any], model: Recorder) -> Future[Any]:
     """Occupy the only slot with one item held at the model's gate."""
     before = len(model.calls)
@@ -1015,11 +1024,7 @@ def test_loop_slot_serves_two_loops_and_caller_threads_at_once() -> None:
             threading.Thread(target=thread_caller, args=("c", 20_000)),
             threading.Thread(target=thread_caller, args=("d", 30_000)),
         ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(WAIT_S * 3)
-        assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
+        run_callers(workers)
     for name, base in (("a", 0), ("b", 10_000)):
         assert results[name] == [3 * (base + i * 100 + k) for i in range(32) for k in range(30)]
     for name, base in (("c", 20_000), ("d", 30_000)):
@@ -1289,11 +1294,7 @@ def test_stacked_at_submission_two_loops_threads_and_deadlines_share_one_queue()
             threading.Thread(target=loop_caller, args=("b", 10_000.0)),
             threading.Thread(target=thread_caller, args=("c", 20_000.0)),
         ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(WAIT_S * 3)
-        assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
+        run_callers(workers)
         stats = b.statistics()
         assert (b._depth, b._odd) == (0, 0)  # the counters of the invariants, back to 0
     for name, base in (("a", 0.0), ("b", 10_000.0)):

@@ -196,70 +196,74 @@ class BatchSlots:
         cancelled caller's task has not yet given its record up.
         """
         queue = self._pick_level_locked()
-        if not self._odd:
-            # Every queued record came by asubmit's hot path on one loop (Pending.odd):
-            # no deadline, cost 1, one group, buffer rows in order. Taken from the head
-            # with no check per record: this runs on the slot thread between two
-            # batches, while the model waits (about 5 µs of checks for 32 records).
-            limit = self.max_batch_size
-            if len(queue) <= limit:
-                batch = list(queue)
-                queue.clear()
-            else:
-                popleft = queue.popleft
-                batch = [popleft() for _ in range(limit)]
-            for record in batch:
-                record.queued = False
-            self._depth -= len(batch)
-            self._cost -= len(batch)
-            if on_loop:
-                batch = self._drop_all_cancelled_locked(batch)
-            # A slot thread may take the record of a caller just cancelled: its result
-            # is dropped, as for a caller cancelled while its batch runs.
-            if not self._depth and self._state == _CLOSING:
-                self._drained.notify_all()
-            return batch, [], self._plain_loop
-        batch = []
         expired: list[Pending] = []
-        now = _monotonic()
-        if self._uniform:
-            # Every item costs 1 and all may share a batch: take from the head, drop the
-            # expired.
-            limit = self.max_batch_size
-            taken = 0
-            while queue and len(batch) < limit:
-                record = queue.popleft()
-                record.queued = False
-                if record.odd:
-                    self._odd -= 1
-                taken += 1
-                deadline = record.deadline
-                waiter = record.waiter
-                if deadline is not None and now >= deadline:
-                    record.settled = True
-                    record.outcome = Failure(deadline_error(None))
-                    expired.append(record)
-                elif type(waiter) is _FUTURE and waiter.done():
-                    self._drop_cancelled_locked(record)
-                else:
-                    batch.append(record)
-            self._depth -= taken
-            self._cost -= taken
+        waits_on = None
+        if not self._odd:
+            batch = self._form_plain_locked(queue, on_loop)
+            waits_on = self._plain_loop
         else:
-            self._form_keyed_locked(queue, now, batch, expired)
-        if expired:
-            self._expired += len(expired)
+            batch = []
+            now = _monotonic()
+            if self._uniform:
+                # Every item costs 1 and all may share a batch: take from the head,
+                # drop the expired.
+                limit = self.max_batch_size
+                taken = 0
+                while queue and len(batch) < limit:
+                    record = queue.popleft()
+                    record.queued = False
+                    if record.odd:
+                        self._odd -= 1
+                    taken += 1
+                    deadline = record.deadline
+                    waiter = record.waiter
+                    if deadline is not None and now >= deadline:
+                        record.settled = True
+                        record.outcome = Failure(deadline_error(None))
+                        expired.append(record)
+                    elif type(waiter) is _FUTURE and waiter.done():
+                        self._drop_cancelled_locked(record)
+                    else:
+                        batch.append(record)
+                self._depth -= taken
+                self._cost -= taken
+            else:
+                self._form_keyed_locked(queue, now, batch, expired)
+            if expired:
+                self._expired += len(expired)
         if not self._depth and self._state == _CLOSING:
             self._drained.notify_all()
-        return batch, expired, None
+        return batch, expired, waits_on
 
-    def _drop_all_cancelled_locked(self, batch: list[Pending]) -> list[Pending]:
-        """``batch`` without the records of cancelled asyncio callers (settled here)."""
-        live = [record for record in batch if not record.waiter.done()]  # type: ignore[union-attr]
-        if len(live) < len(batch):
-            for record in batch:
-                if record.waiter.done():  # type: ignore[union-attr]  # plain: futures
-                    self._drop_cancelled_locked(record)
+    def _form_plain_locked(self, queue: deque[Pending], on_loop: bool) -> list[Pending]:
+        """Form a batch when every queued record is plain (see Pending.odd).
+
+        They came by asubmit's hot path on one loop: no deadline, cost 1, one group,
+        buffer rows in order. Taken from the head with no check per record: this runs
+        on the slot thread between two batches, while the model waits (about 5 µs of
+        checks for 32 records). A slot thread may take the record of a caller just
+        cancelled: its result is dropped, as for a caller cancelled while its batch
+        runs. On the loop (``on_loop``) such records are dropped before the model.
+        """
+        limit = self.max_batch_size
+        if len(queue) <= limit:
+            batch = list(queue)
+            queue.clear()
+        else:
+            popleft = queue.popleft
+            batch = [popleft() for _ in range(limit)]
+        for record in batch:
+            record.queued = False
+        self._depth -= len(batch)
+        self._cost -= len(batch)
+        if not on_loop:
+            return batch
+        live: list[Pending] = []
+        for record in batch:
+            if record.waiter.done():  # type: ignore[union-attr]  # plain: futures
+                self._drop_cancelled_locked(record)
+            else:
+                live.append(record)
         return live
 
     def _drop_cancelled_locked(self, record: Pending) -> None:
@@ -421,11 +425,11 @@ class BatchSlots:
         start = first.row
         n = len(batch)
         size = self._buf_len
-        if (
-            batch[-1].row - start == n - 1
-            if plain
-            else start >= 0 and [record.row for record in batch] == list(range(start, start + n))
-        ):
+        if plain:
+            consecutive = batch[-1].row - start == n - 1
+        else:
+            consecutive = start >= 0 and [r.row for r in batch] == list(range(start, start + n))
+        if consecutive:
             low = start % size
             if low + n <= size:
                 return first.buf[low : low + n]
