@@ -1304,6 +1304,49 @@ def test_stacked_at_submission_two_loops_threads_and_deadlines_share_one_queue()
     assert stats.mean_batch_size > 2
 
 
+def test_stacked_at_submission_records_turn_plain_while_only_odd_ones_are_queued() -> None:
+    # Under a load that never lets the queue empty, asubmit's hot-path records become
+    # plain (formed with no check per record, Pending.odd) as soon as every queued
+    # record is odd; they used to wait for an empty queue, and stayed odd for good.
+    import asyncio
+
+    import numpy as np
+
+    gate = threading.Event()
+    gate.set()
+    entered = threading.Event()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        assert gate.wait(WAIT_S), "the test never released the gate"
+        return batch * 2
+
+    async def main() -> list[float]:
+        odd = asyncio.ensure_future(b.asubmit(np.full(3, 1.0, np.float32), timeout_s=30.0))
+        while b._depth < 1:  # a deadline: the general path, an odd record
+            await asyncio.sleep(0.001)
+        plain = [asyncio.ensure_future(b.asubmit(np.full(3, k, np.float32))) for k in range(2, 8)]
+        while b._depth < 7:
+            await asyncio.sleep(0.001)
+        counts.append((b._depth, b._odd))
+        gate.set()
+        return [float(out[0]) for out in await asyncio.gather(odd, *plain)]
+
+    counts: list[tuple[int, int]] = []
+    with Batcher(fn, collate=sk.Stack(), max_batch_size=4) as b:
+        b.submit(np.zeros(3, np.float32))  # runs alone; sets the stacked shape
+        gate.clear()
+        entered.clear()
+        blocker = threading.Thread(target=b.submit, args=(np.zeros(3, np.float32),))
+        blocker.start()  # runs alone on its thread, held by the gate: the queue fills
+        assert entered.wait(WAIT_S)
+        got = asyncio.run(main())
+        blocker.join(WAIT_S)
+        assert (b._depth, b._odd) == (0, 0)
+    assert counts == [(7, 1)]  # only the record with a deadline is odd
+    assert got == [2.0 * k for k in range(1, 8)]
+
+
 def test_stacked_at_submission_holes_in_the_rows_of_a_plain_batch() -> None:
     # One loop's hot-path records (no check per record at formation) in two priority
     # levels, so each level's rows have holes where the other's are, and two callers

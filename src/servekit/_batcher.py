@@ -31,7 +31,7 @@ Invariants (all under ``self._lock``):
 * a record is in ``self._levels[record.priority]`` iff ``record.queued``, and ``_depth``
   and ``_cost`` count exactly the queued records, ``_odd`` those with ``record.odd``;
 * every queued record that is not odd awaits on ``self._plain_loop`` (which changes only
-  while the queue is empty);
+  while every queued record is odd);
 * ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
   settles a record wakes its caller, unless the caller settled it itself (it gave up).
   The one settling done without the lock: a finished batch whose callers all await on
@@ -572,10 +572,14 @@ class Batcher(BatchSlots, Generic[In, Out]):
                         buf[row % self._buf_len] = x
                         record.row = row
                     if loop is not self._plain_loop:
-                        if self._depth:  # others' records are queued: this one is odd
+                        if self._depth > self._odd:
+                            # Plain records of another loop are queued: this one is odd.
                             record.odd = True
                             self._odd += 1
                         else:
+                            # None is: this loop's records are the plain ones now.
+                            # (Waiting for an empty queue instead left every record
+                            # odd under a load that never empties it.)
                             self._plain_loop = loop
                     record.seq = self._formed
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
