@@ -1347,6 +1347,47 @@ def test_stacked_at_submission_records_turn_plain_while_only_odd_ones_are_queued
     assert got == [2.0 * k for k in range(1, 8)]
 
 
+def test_asubmit_from_loops_one_after_another_on_one_thread_and_then_trio() -> None:
+    # asubmit knows the loop it found running last (no _get_running_loop call while
+    # that loop runs). A finished loop's successor on the same thread, and a trio run
+    # after it (no asyncio loop at all), must not be taken for it.
+    import asyncio
+
+    import numpy as np
+    import trio
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.0005)  # too slow for the loop slot: batches go to the slot thread
+        return batch + 1
+
+    async def callers(base: float) -> list[float]:
+        async def one(k: int) -> float:
+            return float((await b.asubmit(np.full(2, base + k, np.float32)))[0])
+
+        return list(await asyncio.gather(*(one(k) for k in range(40))))
+
+    async def trio_callers(base: float) -> list[float]:
+        got: dict[int, float] = {}
+
+        async def one(k: int) -> None:
+            got[k] = float((await b.asubmit(np.full(2, base + k, np.float32)))[0])
+
+        async with trio.open_nursery() as nursery:
+            for k in range(40):
+                nursery.start_soon(one, k)
+        return [got[k] for k in range(40)]
+
+    with Batcher(fn, collate=sk.Stack(), max_batch_size=8) as b:
+        b.submit(np.zeros(2, np.float32), timeout_s=WAIT_S)  # sets the stacked shape
+        first = asyncio.run(callers(0.0))
+        second = asyncio.run(callers(1000.0))
+        third = trio.run(trio_callers, 2000.0)
+        fourth = asyncio.run(callers(3000.0))
+        assert b.statistics().succeeded == 1 + 4 * 40
+    for base, got in ((0.0, first), (1000.0, second), (2000.0, third), (3000.0, fourth)):
+        assert got == [base + k + 1 for k in range(40)]
+
+
 def test_stacked_at_submission_holes_in_the_rows_of_a_plain_batch() -> None:
     # One loop's hot-path records (no check per record at formation) in two priority
     # levels, so each level's rows have holes where the other's are, and two callers

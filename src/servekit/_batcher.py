@@ -85,6 +85,7 @@ Out = TypeVar("Out")
 _monotonic = time.monotonic
 # The running asyncio loop, or None (trio, or no loop): no exception to catch.
 _get_running_loop = asyncio._get_running_loop
+_get_ident = threading.get_ident
 
 # Batches' worth of rows in one buffer of a stacking batcher (see Batcher._new_buffer).
 _STACK_BUFFER_BATCHES = 4
@@ -236,6 +237,9 @@ class Batcher(BatchSlots, Generic[In, Out]):
         # Batches settled on event loops and not yet counted: (size, seconds, settled,
         # failed, queue waits), folded into the counters below under the lock.
         self._tally: deque[tuple[int, float, int, int, list[float]]] = deque()
+        # The asyncio loop asubmit last found running, when it is one of asyncio's own
+        # (see asubmit).
+        self._last_loop: Any = None
         # Decided at start: a Stack collation done at submission (see _new_buffer),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
         self._stacking = False
@@ -533,7 +537,17 @@ class Batcher(BatchSlots, Generic[In, Out]):
         Cancelling the caller takes its item out of the queue; if its batch already runs,
         the result is dropped.
         """
-        loop = _get_running_loop()
+        # asyncio's own loops say which thread runs them (_thread_id, set by run_forever
+        # and reset when it returns), and a thread runs one loop at a time: a loop found
+        # before that this thread runs now is the running loop, known without
+        # _get_running_loop, which makes a system call (getpid, against a fork) each
+        # time. (A child forked inside a coroutine would see its parent's loop here,
+        # where _get_running_loop says None; it cannot use that loop either way.)
+        loop = self._last_loop
+        if loop is None or loop._thread_id != _get_ident():
+            loop = _get_running_loop()
+            if loop is not None and hasattr(loop, "_thread_id"):
+                self._last_loop = loop
         if (
             loop is not None
             and timeout_s is None
