@@ -579,11 +579,12 @@ class Batcher(BatchSlots, Generic[In, Out]):
                         # one lock section per request instead of two. Before it is
                         # queued, so no batch can take the row before it is filled.
                         row = self._buf_rows
-                        if row % self._buf_len == 0:
+                        index = row % self._buf_len
+                        if not index:
                             self._buf = self._new_buffer()
                         self._buf_rows = row + 1
                         buf = record.buf = self._buf
-                        buf[row % self._buf_len] = x
+                        buf[index] = x
                         record.row = row
                     if loop is not self._plain_loop:
                         if self._depth > self._odd:
