@@ -38,18 +38,23 @@ class Picky(sk.Model[Any, Any]):
 
 
 class FailWhile(sk.Model[Any, Any]):
-    """Fails every row whose ``x`` is at least ``from_x`` while ``flag`` exists."""
+    """Fails every row whose ``x`` is at least ``from_x`` while ``flag`` exists, after
+    ``delay_s`` seconds (once per batch that has such rows)."""
 
-    def __init__(self, flag: str, from_x: float) -> None:
+    def __init__(self, flag: str, from_x: float, delay_s: float = 0.0) -> None:
         self.flag = flag
         self.from_x = from_x
+        self.delay_s = delay_s
 
     def predict(self, batch: list[Any]) -> list[Any]:
         broken = os.path.exists(self.flag)
-        return [
+        out = [
             RuntimeError("broken") if broken and float(x) >= self.from_x else float(x) * 2
             for x in batch
         ]
+        if self.delay_s and any(isinstance(o, RuntimeError) for o in out):
+            time.sleep(self.delay_s)
+        return out
 
 
 def loads(loads_dir: Path) -> "dict[int, int]":

@@ -195,7 +195,10 @@ def test_max_error_rate_fails_then_resume_redoes_only_unfinished_chunks(
     src = write_parquet(tmp_path / "in.parquet")
     flag = tmp_path / "broken"
     flag.touch()
-    model = _models.FailWhile(str(flag), from_x=2500)
+    # The failing rows fail after a pause: the scheduler may start their partition
+    # first, and the other worker then writes chunks of other partitions meanwhile
+    # (without it, CI once saw the failure stop the run before any chunk was written).
+    model = _models.FailWhile(str(flag), from_x=2500, delay_s=0.5)
     out = tmp_path / "out.parquet"
     common: dict[str, Any] = {
         "key": "id",
