@@ -238,7 +238,9 @@ class Batcher(BatchSlots, Generic[In, Out]):
         # failed, queue waits), folded into the counters below under the lock.
         self._tally: deque[tuple[int, float, int, int, list[float]]] = deque()
         # The asyncio loop asubmit last found running, when it is one of asyncio's own
-        # (see asubmit).
+        # (see asubmit). Read and written by callers' threads without the lock: a reader
+        # checks whatever loop it finds (it only ever holds a loop), and a stale one is
+        # replaced at the next miss.
         self._last_loop: Any = None
         # Decided at start: a Stack collation done at submission (see _new_buffer),
         # for items of the shape and dtype of the first one (_stack_key), into _buf.
