@@ -24,7 +24,12 @@ Rows (DESIGN.md §5):
 - sync callers: 64 threads calling ``submit``. Target: ratio >= 0.55;
 - overhead: a trivial identity model, 256 asyncio callers; µs per request = 1e6 / items/s.
   Target: <= 5 µs;
-- no batching: ``max_batch_size=1``, 64 asyncio callers, for contrast.
+- no batching: ``max_batch_size=1``, 64 asyncio callers, for contrast;
+- thread hand-off: a baton (a lock) passed round a ring of 32 threads, each blocking on
+  a lock of its own until the one before releases it: what the scheduler and the GIL
+  charge now for waking a thread, with no other work. A batch's caller threads are
+  woken in such a chain, one hand-off each, so 1e6 / (µs per hand-off) items/s bounds
+  caller threads through any batcher; the row gives that bound and its ratio to IDEAL.
 
 Run: ``python benchmarks/batching.py`` (or ``nox -s bench -- batching``).
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from _thread import allocate_lock
 from collections.abc import Callable
 from itertools import repeat
 from typing import Any
@@ -66,6 +72,8 @@ SYNC_RATIO_TARGET = 0.55
 LONE_P50_TARGET_US = 100.0  # C = 1: p50 at most this much above a direct batch-of-one call
 P99_MODEL_FACTOR = 3.0  # C = 64: p99 <= this x full-batch model time + max_wait_s
 IDENT_TARGET_US = 5.0
+HANDOFF_THREADS = 32  # threads in the hand-off ring
+HANDOFF_LAPS = 60  # times the baton goes round per measurement (about 30 ms)
 CORES_WARNING = 1.7  # below this many free cores, say that the figures are disturbed
 
 # -- the model --------------------------------------------------------------------------------
@@ -173,6 +181,37 @@ def two_threads(x32: np.ndarray) -> Callable[[], float]:
         return 2 * calls * BATCH / (time.perf_counter() - start)
 
     return measure
+
+
+def handoff() -> float:
+    """Hand-offs per second in a ring of threads passing one baton (see the docstring)."""
+    locks = [allocate_lock() for _ in range(HANDOFF_THREADS)]
+    for lock in locks:
+        lock.acquire()
+    done = allocate_lock()
+    done.acquire()
+
+    def member(i: int) -> None:
+        mine, following = locks[i], locks[(i + 1) % HANDOFF_THREADS]
+        last = i == HANDOFF_THREADS - 1
+        for lap in range(HANDOFF_LAPS):
+            mine.acquire()
+            if last and lap == HANDOFF_LAPS - 1:
+                done.release()  # the final hand-off: back to the timing thread
+                return
+            following.release()
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(HANDOFF_THREADS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.01)  # every member blocked on its lock
+    start = time.perf_counter()
+    locks[0].release()
+    done.acquire()
+    elapsed = time.perf_counter() - start
+    for thread in threads:
+        thread.join()
+    return HANDOFF_THREADS * HANDOFF_LAPS / elapsed
 
 
 def _full_batch_s(x32: np.ndarray) -> float:
@@ -317,6 +356,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     groups: dict[str, dict[str, Callable[[], float]]] = {
         "cores": {"ideal": ideal_measure, "two threads": two_threads(x32)},
+        "hand-off": {"ideal": ideal_measure, "hand-offs": handoff},
     }
     for c in async_counts:
         label = f"asyncio C={c}"
@@ -468,6 +508,14 @@ def main() -> None:
     )
     row_cells, _ = cells("list threads C=64")
     table.row("list threads C=64 submit", *row_cells)
+    rates = samples["hand-off"]["hand-offs"]
+    bound_ratios = paired(rates, samples["hand-off"]["ideal"], lambda a, b: a / b)
+    table.row(
+        f"thread hand-off, ring of {HANDOFF_THREADS}",
+        f"{fmt_int(median(rates))}/s",
+        f"{median(bound_ratios):.2f} ±{mad(bound_ratios):.2f}",
+        f"{fmt_us(1e6 / median(rates))} µs/hand-off",
+    )
     label = "identity asyncio C=256"
     ident_ips = median(samples[label]["batcher"])
     per_request_us = 1e6 / ident_ips

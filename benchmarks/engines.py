@@ -2,7 +2,8 @@
 
 ``batching.py`` measures the Batcher against the model's own limit (IDEAL). This script
 measures what its features cost on the same workload (the MLP of ``batching.py``,
-``max_batch_size=32``, 64 concurrent callers), against engines that do only the hand-off:
+``max_batch_size=32``; 64 concurrent callers, and 256 asyncio callers), against engines
+that do only the hand-off:
 
 - asyncio callers: one engine thread; a caller copies its array into the next row of a
   preallocated buffer under one lock and awaits a future; the engine runs the model on
@@ -40,6 +41,7 @@ from servekit import Batcher, Stack
 TRIALS = 8
 ROW_S = 0.8  # seconds of closed-loop load per measurement
 CLIENTS = 64
+DEEP_CLIENTS = 256  # asyncio callers for a queue that never empties
 
 
 class _Engine:
@@ -152,13 +154,15 @@ class ThreadEngine(_Engine):
         batch[0][1].release()
 
 
-def async_load(asubmit: Callable[[np.ndarray], Coroutine[Any, Any, Any]]) -> Callable[[], float]:
-    """Items/s of CLIENTS asyncio tasks on one new loop, each awaiting one item at a time."""
-    inputs = make_inputs(CLIENTS)
+def async_load(
+    asubmit: Callable[[np.ndarray], Coroutine[Any, Any, Any]], clients: int = CLIENTS
+) -> Callable[[], float]:
+    """Items/s of ``clients`` asyncio tasks on one new loop, each awaiting one item at a time."""
+    inputs = make_inputs(clients)
 
     async def load() -> float:
         end = time.perf_counter() + ROW_S
-        counts = [0] * CLIENTS
+        counts = [0] * clients
 
         async def client(i: int) -> None:
             x, done, clock = inputs[i], 0, time.perf_counter
@@ -168,7 +172,7 @@ def async_load(asubmit: Callable[[np.ndarray], Coroutine[Any, Any, Any]]) -> Cal
             counts[i] = done
 
         start = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         return sum(counts) / (time.perf_counter() - start)
 
     return lambda: asyncio.run(load())
@@ -209,7 +213,7 @@ def main() -> None:
     async_engine = AsyncEngine(mlp, (256,))
     thread_engine = ThreadEngine(mlp)
     batchers = [
-        Batcher(mlp, collate=Stack(), max_batch_size=BATCH, max_wait_s=MAX_WAIT_S) for _ in range(2)
+        Batcher(mlp, collate=Stack(), max_batch_size=BATCH, max_wait_s=MAX_WAIT_S) for _ in range(3)
     ]
     try:
         for batcher in batchers:
@@ -219,6 +223,10 @@ def main() -> None:
                 "asyncio": {
                     "reference": async_load(async_engine.asubmit),
                     "Batcher": async_load(batchers[0].asubmit),
+                },
+                "asyncio deep": {
+                    "reference": async_load(async_engine.asubmit, DEEP_CLIENTS),
+                    "Batcher": async_load(batchers[2].asubmit, DEEP_CLIENTS),
                 },
                 "threads": {
                     "reference": thread_load(thread_engine.submit),
@@ -233,7 +241,11 @@ def main() -> None:
         for batcher in batchers:
             batcher.close()
     table = Table("engines")
-    for group, label in (("asyncio", "asyncio C=64"), ("threads", "threads C=64 submit")):
+    for group, label in (
+        ("asyncio", f"asyncio C={CLIENTS}"),
+        ("asyncio deep", f"asyncio C={DEEP_CLIENTS}"),
+        ("threads", f"threads C={CLIENTS} submit"),
+    ):
         reference, batcher = samples[group]["reference"], samples[group]["Batcher"]
         ratios = paired(batcher, reference, lambda a, b: a / b)
         table.row(
@@ -242,7 +254,7 @@ def main() -> None:
             f"Batcher {fmt_int(median(batcher))}/s",
             f"Batcher ÷ reference {median(ratios):.2f} ±{mad(ratios):.2f}",
         )
-    table.print(describe_run(TRIALS, f"items/s of {CLIENTS} callers, the MLP of batching.py"))
+    table.print(describe_run(TRIALS, "items/s of concurrent callers, the MLP of batching.py"))
 
 
 if __name__ == "__main__":
