@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import servekit as sk
 import servekit.testing
 from servekit import _batch_slots, _batcher
+from servekit._batch_records import CALLER_THREADS
 from servekit._batcher import Batcher
 
 # Generous: these bound a wait that should be near-instant, so a slow CI machine passes.
@@ -69,6 +70,11 @@ def run_callers(workers: list[threading.Thread]) -> None:
     """Start caller threads and wait for them; fail if one never got its answer."""
     for worker in workers:
         worker.start()
+    join_callers(workers)
+
+
+def join_callers(workers: list[threading.Thread]) -> None:
+    """Wait for started caller threads; fail if one never got its answer."""
     for worker in workers:
         worker.join(WAIT_S * 3)
     assert not any(worker.is_alive() for worker in workers), "a caller never got its answer"
@@ -1345,6 +1351,79 @@ def test_stacked_at_submission_records_turn_plain_while_only_odd_ones_are_queued
         assert (b._depth, b._odd) == (0, 0)
     assert counts == [(7, 1)]  # only the record with a deadline is odd
     assert got == [2.0 * k for k in range(1, 8)]
+
+
+def test_caller_threads_records_are_plain_until_a_loops_or_a_deadline_joins_them() -> None:
+    # submit's hot-path records (no deadline, an array of the stacked shape) are plain
+    # when every queued record is odd: batches of caller threads are formed with no
+    # check per record and stacked at formation (they have no buffer rows). A loop's
+    # record and one with a deadline queued behind them are odd; everyone gets their
+    # own row, alone in a batch or together.
+    import asyncio
+
+    import numpy as np
+
+    gate = threading.Event()
+    gate.set()
+    entered = threading.Event()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        assert gate.wait(WAIT_S), "the test never released the gate"
+        return batch * 2
+
+    def item(k: int) -> np.ndarray:
+        return np.full(3, float(k), np.float32)
+
+    got: dict[int, float] = {}
+
+    def call(k: int, timeout_s: float | None = None) -> None:
+        got[k] = float(b.submit(item(k), timeout_s=timeout_s)[0])
+
+    def on_loop(k: int) -> None:
+        async def main() -> None:
+            got[k] = float((await b.asubmit(item(k)))[0])
+
+        asyncio.run(main())
+
+    def hold(k: int) -> threading.Thread:
+        """A caller running alone on its own thread, held by the gate: the queue fills."""
+        gate.clear()
+        entered.clear()
+        blocker = threading.Thread(target=call, args=(k,))
+        blocker.start()
+        assert entered.wait(WAIT_S)
+        return blocker
+
+    def start(target: Callable[..., None], *args: Any) -> threading.Thread:
+        depth = b._depth
+        thread = threading.Thread(target=target, args=args)
+        thread.start()
+        wait_until(lambda: b._depth == depth + 1)  # queued in this order
+        return thread
+
+    counts = []
+    with Batcher(fn, collate=sk.Stack(), max_batch_size=4) as b:
+        b.submit(item(0))  # runs alone; sets the stacked shape
+        blocker = hold(1)
+        callers = [start(call, k) for k in range(2, 7)]
+        counts.append((b._depth, b._odd, b._plain_loop is CALLER_THREADS))
+        gate.set()
+        join_callers([blocker, *callers])  # 2-5 (checked: 2 is odd), then 6 (plain)
+        blocker = hold(11)
+        callers = [start(call, 12), start(call, 13), start(call, 14, 30.0), start(on_loop, 15)]
+        counts.append((b._depth, b._odd, b._plain_loop is CALLER_THREADS))
+        gate.set()
+        join_callers([blocker, *callers])  # 12-15: a checked batch
+        assert (b._depth, b._odd) == (0, 0)
+        stats = b.statistics()
+    # Odd: the first record queued at level 0 (it makes the level: the general path),
+    # and the records with a deadline and of a loop. (Before, every caller thread's
+    # record was odd: (5, 5, False), (4, 3, False).)
+    assert counts == [(5, 1, True), (4, 2, True)]
+    assert got == {k: 2.0 * k for k in [*range(1, 7), *range(11, 16)]}
+    assert stats.succeeded == 12
+    assert stats.batches == 6  # 0, 1, 2-5, 6, 11, 12-15
 
 
 def test_asubmit_from_loops_one_after_another_on_one_thread_and_then_trio() -> None:

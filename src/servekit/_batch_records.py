@@ -7,23 +7,37 @@ where batches run) so those modules hold only the queue and its slots.
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from ._outcome import Failure, to_model_error
 from ._waker import Waiter
 from .metrics import LatencySummary
 
 __all__ = [
+    "CALLER_THREADS",
     "NO_WAITER",
     "BatcherStatistics",
     "Pending",
+    "Plain",
     "is_cancelled",
     "running_batch",
     "unwrap",
 ]
+
+
+class Plain(enum.Enum):
+    """Whose records are plain when they are not an asyncio loop's (see Pending.odd)."""
+
+    CALLER_THREADS = "caller threads"
+
+
+#: ``Batcher._plain_loop`` when the plain records are those of ``submit``'s hot path
+#: (caller threads, each blocked on its own lock) rather than one asyncio loop's.
+CALLER_THREADS: Final = Plain.CALLER_THREADS
 
 
 class _NoWaiter:
@@ -121,9 +135,11 @@ class Pending:
     outcome: Any = None  # the output, or a Failure
     buf: Any = None  # a Stack batcher's buffer holding a copy of item (see Batcher._new_buffer)
     row: int = -1  # its row number over all the buffers (see Batcher._new_buffer); -1: none
-    # False only for a record queued by asubmit's hot path on the batcher's current
-    # loop: no deadline, cost 1, the batcher's one group, a buffer row of a stacking
-    # batcher. A batch of such records only is formed with no check per record.
+    # False only for a record queued by a hot path: asubmit's on the batcher's current
+    # loop (no deadline, cost 1, the batcher's one group, a buffer row of a stacking
+    # batcher), or submit's while the plain records are caller threads' (no deadline,
+    # cost 1, one group, no buffer row: stacked at formation). A batch of such records
+    # only is formed with no check per record.
     odd: bool = False
 
 

@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
-from ._batch_records import NO_WAITER, Pending, running_batch
+from ._batch_records import CALLER_THREADS, NO_WAITER, Pending, Plain, running_batch
 from ._collate import Collate
 from ._outcome import Failure, arun_batch, deadline_error, isolate, run_batch
 from ._waker import SyncWaiter, wake_all
@@ -61,9 +61,9 @@ _FUTURE = asyncio.Future
 _NDARRAY = np.ndarray
 
 # A batch as formation takes it: its live records, the records found expired on the
-# way, and the loop all the live records' callers await on when formation knows it
-# (a batch of plain records, see Pending.odd), else None.
-_Formed: TypeAlias = "tuple[list[Pending], list[Pending], asyncio.AbstractEventLoop | None]"
+# way, and, for a batch of plain records (see Pending.odd), the loop all the live
+# records' callers await on or CALLER_THREADS; else None.
+_Formed: TypeAlias = "tuple[list[Pending], list[Pending], asyncio.AbstractEventLoop | Plain | None]"
 
 
 def _single_loop(batch: list[Pending]) -> asyncio.AbstractEventLoop | None:
@@ -101,7 +101,7 @@ class BatchSlots:
     _drain_loop: asyncio.AbstractEventLoop | None
     _odd: int
     _tally: deque[tuple[int, float, int, int, list[float]]]
-    _plain_loop: asyncio.AbstractEventLoop | None
+    _plain_loop: asyncio.AbstractEventLoop | Plain | None
     _stacking: bool
     _stack_shape: Any
     _stack_dtype: Any
@@ -190,7 +190,8 @@ class BatchSlots:
 
     def _form_locked(self, on_loop: bool = False) -> _Formed:
         """Take the next batch from the queue: (live records, records expired on the
-        way, the loop every live record's caller awaits on when formation knows it).
+        way, and when formation knows it, the loop every live record's caller awaits on
+        or CALLER_THREADS, every caller a thread of ``submit``'s hot path).
 
         ``on_loop``: formed on the callers' event loop (the loop slot), where a
         cancelled caller's task has not yet given its record up.
@@ -238,12 +239,14 @@ class BatchSlots:
     def _form_plain_locked(self, queue: deque[Pending], on_loop: bool) -> list[Pending]:
         """Form a batch when every queued record is plain (see Pending.odd).
 
-        They came by asubmit's hot path on one loop: no deadline, cost 1, one group,
-        buffer rows in order. Taken from the head with no check per record: this runs
-        on the slot thread between two batches, while the model waits (about 5 µs of
-        checks for 32 records). A slot thread may take the record of a caller just
+        They came by asubmit's hot path on one loop (no deadline, cost 1, one group,
+        buffer rows in order) or by submit's on caller threads (the same, but no
+        buffer rows). Taken from the head with no check per record: this runs on the
+        slot thread between two batches, while the model waits (about 5 µs of checks
+        for 32 records). A slot thread may take the record of an asyncio caller just
         cancelled: its result is dropped, as for a caller cancelled while its batch
-        runs. On the loop (``on_loop``) such records are dropped before the model.
+        runs. On the loop (``on_loop``) such records are dropped before the model. (A
+        caller thread that gives up takes its record out of the queue itself.)
         """
         limit = self.max_batch_size
         if len(queue) <= limit:
@@ -260,7 +263,8 @@ class BatchSlots:
             return batch
         live: list[Pending] = []
         for record in batch:
-            if record.waiter.done():  # type: ignore[union-attr]  # plain: futures
+            waiter = record.waiter
+            if type(waiter) is _FUTURE and waiter.done():
                 self._drop_cancelled_locked(record)
             else:
                 live.append(record)
@@ -318,7 +322,7 @@ class BatchSlots:
         fn: Callable[[list[Any]], Any],
         loop: asyncio.AbstractEventLoop | None,
         batch: list[Pending],
-        waits_on: asyncio.AbstractEventLoop | None = None,
+        waits_on: asyncio.AbstractEventLoop | Plain | None = None,
         *,
         on_slot: bool = False,
     ) -> None:
@@ -330,7 +334,9 @@ class BatchSlots:
         tag: Any = None
         try:
             if self._stacking:  # a sync fn of arrays, never a Predictor's back end
-                outcomes = self._run_stacked(batch, waits_on is not None)
+                # Plain caller threads' records have no buffer rows (stacked here).
+                rows = waits_on is not None and waits_on is not CALLER_THREADS
+                outcomes = self._run_stacked(batch, rows)
             else:
                 items = [record.item for record in batch]
                 if self._fn_isolates:
@@ -352,7 +358,7 @@ class BatchSlots:
         # settled on that loop, in one call, and the batch is accounted for there: the
         # slot thread, whose serial work bounds throughput, then does nothing per item
         # after the batch function returns, and only frees its slot under the lock.
-        loop = waits_on or _single_loop(batch)
+        loop = None if waits_on is CALLER_THREADS else waits_on or _single_loop(batch)
         with self._lock:
             self._running -= 1
             if self._waiting and self._depth and self._drain_loop is None:

@@ -31,7 +31,8 @@ Invariants (all under ``self._lock``):
 * a record is in ``self._levels[record.priority]`` iff ``record.queued``, and ``_depth``
   and ``_cost`` count exactly the queued records, ``_odd`` those with ``record.odd``;
 * every queued record that is not odd awaits on ``self._plain_loop`` (which changes only
-  while every queued record is odd);
+  while every queued record is odd), or is a caller thread's when that is
+  ``CALLER_THREADS``;
 * ``record.settled`` goes from False to True exactly once, together with ``outcome``; who
   settles a record wakes its caller, unless the caller settled it itself (it gave up).
   The one settling done without the lock: a finished batch whose callers all await on
@@ -57,8 +58,10 @@ import anyio
 import anyio.lowlevel
 
 from ._batch_records import (
+    CALLER_THREADS,
     BatcherStatistics,
     Pending,
+    Plain,
     is_cancelled,
 )
 from ._batch_slots import (
@@ -233,7 +236,7 @@ class Batcher(BatchSlots, Generic[In, Out]):
         # Queued records that are odd (not from asubmit's hot path on _plain_loop, see
         # Pending.odd); with none, a batch is formed with no check per record.
         self._odd = 0
-        self._plain_loop: asyncio.AbstractEventLoop | None = None
+        self._plain_loop: asyncio.AbstractEventLoop | Plain | None = None
         # Batches settled on event loops and not yet counted: (size, seconds, settled,
         # failed, queue waits), folded into the counters below under the lock.
         self._tally: deque[tuple[int, float, int, int, list[float]]] = deque()
@@ -465,11 +468,17 @@ class Batcher(BatchSlots, Generic[In, Out]):
                 queued = self._state == _OPEN and self._depth < self.max_queue and level is not None
                 if queued:
                     record.seq = self._formed
-                    record.odd = True
+                    if self._plain_loop is not CALLER_THREADS:
+                        if self._depth > self._odd:
+                            # Plain records of a loop are queued: this one is odd.
+                            record.odd = True
+                            self._odd += 1
+                        else:
+                            # None is: caller threads' records are the plain ones now.
+                            self._plain_loop = CALLER_THREADS
                     level.append(record)  # type: ignore[union-attr]  # not None: queued
                     self._depth += 1
                     self._cost += 1
-                    self._odd += 1
                     if self._waiting:
                         self._ready.notify()
             if not queued:  # closed, full, or a new priority level: the general path
