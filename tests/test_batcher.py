@@ -66,6 +66,21 @@ def batcher_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("servekit-batcher")]
 
 
+class GatedDouble:
+    """A batch function that doubles its batch, held at ``gate`` while it is clear;
+    ``entered`` is set when a batch reaches it."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(WAIT_S), "the test never released the gate"
+        return batch * 2
+
+
 def run_callers(workers: list[threading.Thread]) -> None:
     """Start caller threads and wait for them; fail if one never got its answer."""
     for worker in workers:
@@ -1318,14 +1333,8 @@ def test_stacked_at_submission_records_turn_plain_while_only_odd_ones_are_queued
 
     import numpy as np
 
-    gate = threading.Event()
-    gate.set()
-    entered = threading.Event()
-
-    def fn(batch: np.ndarray) -> np.ndarray:
-        entered.set()
-        assert gate.wait(WAIT_S), "the test never released the gate"
-        return batch * 2
+    fn = GatedDouble()
+    gate, entered = fn.gate, fn.entered
 
     async def main() -> list[float]:
         odd = asyncio.ensure_future(b.asubmit(np.full(3, 1.0, np.float32), timeout_s=30.0))
@@ -1363,14 +1372,8 @@ def test_caller_threads_records_are_plain_until_a_loops_or_a_deadline_joins_them
 
     import numpy as np
 
-    gate = threading.Event()
-    gate.set()
-    entered = threading.Event()
-
-    def fn(batch: np.ndarray) -> np.ndarray:
-        entered.set()
-        assert gate.wait(WAIT_S), "the test never released the gate"
-        return batch * 2
+    fn = GatedDouble()
+    gate, entered = fn.gate, fn.entered
 
     def item(k: int) -> np.ndarray:
         return np.full(3, float(k), np.float32)
