@@ -184,7 +184,7 @@ def two_threads(x32: np.ndarray) -> Callable[[], float]:
 
 
 def handoff() -> float:
-    """Hand-offs per second in a ring of threads passing one baton (see the docstring)."""
+    """Hand-offs per second in a ring of threads passing one baton (see the module docstring)."""
     locks = [allocate_lock() for _ in range(HANDOFF_THREADS)]
     for lock in locks:
         lock.acquire()

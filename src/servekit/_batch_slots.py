@@ -61,9 +61,9 @@ _FUTURE = asyncio.Future
 _NDARRAY = np.ndarray
 
 # A batch as formation takes it: its live records, the records found expired on the
-# way, and, for a batch of plain records (see Pending.odd), the loop all the live
-# records' callers await on or CALLER_THREADS; else None.
-_Formed: TypeAlias = "tuple[list[Pending], list[Pending], asyncio.AbstractEventLoop | Plain | None]"
+# way, and the loop all the live records' callers await on when formation knows it
+# (a batch of plain records, see Pending.odd), else None.
+_Formed: TypeAlias = "tuple[list[Pending], list[Pending], asyncio.AbstractEventLoop | None]"
 
 
 def _single_loop(batch: list[Pending]) -> asyncio.AbstractEventLoop | None:
@@ -190,8 +190,8 @@ class BatchSlots:
 
     def _form_locked(self, on_loop: bool = False) -> _Formed:
         """Take the next batch from the queue: (live records, records expired on the
-        way, and when formation knows it, the loop every live record's caller awaits on
-        or CALLER_THREADS, every caller a thread of ``submit``'s hot path).
+        way, the loop every live record's caller awaits on when formation knows it;
+        None for a plain batch of caller threads, which await no loop).
 
         ``on_loop``: formed on the callers' event loop (the loop slot), where a
         cancelled caller's task has not yet given its record up.
@@ -201,7 +201,8 @@ class BatchSlots:
         waits_on = None
         if not self._odd:
             batch = self._form_plain_locked(queue, on_loop)
-            waits_on = self._plain_loop
+            plain = self._plain_loop
+            waits_on = None if plain is CALLER_THREADS else plain
         else:
             batch = []
             now = _monotonic()
@@ -322,7 +323,7 @@ class BatchSlots:
         fn: Callable[[list[Any]], Any],
         loop: asyncio.AbstractEventLoop | None,
         batch: list[Pending],
-        waits_on: asyncio.AbstractEventLoop | Plain | None = None,
+        waits_on: asyncio.AbstractEventLoop | None = None,
         *,
         on_slot: bool = False,
     ) -> None:
@@ -334,9 +335,7 @@ class BatchSlots:
         tag: Any = None
         try:
             if self._stacking:  # a sync fn of arrays, never a Predictor's back end
-                # Plain caller threads' records have no buffer rows (stacked here).
-                rows = waits_on is not None and waits_on is not CALLER_THREADS
-                outcomes = self._run_stacked(batch, rows)
+                outcomes = self._run_stacked(batch, waits_on is not None)
             else:
                 items = [record.item for record in batch]
                 if self._fn_isolates:
@@ -358,7 +357,7 @@ class BatchSlots:
         # settled on that loop, in one call, and the batch is accounted for there: the
         # slot thread, whose serial work bounds throughput, then does nothing per item
         # after the batch function returns, and only frees its slot under the lock.
-        loop = None if waits_on is CALLER_THREADS else waits_on or _single_loop(batch)
+        loop = waits_on or _single_loop(batch)
         with self._lock:
             self._running -= 1
             if self._waiting and self._depth and self._drain_loop is None:
