@@ -1204,10 +1204,20 @@ def test_stacked_at_submission_a_cancelled_item_leaves_a_hole_that_is_not_sent()
 
     import numpy as np
 
+    # The slot is held busy by a blocker's batch while the 40 items are queued and two
+    # of them cancelled: an idle slot would take the first items as they arrive, and a
+    # cancelled item already in a running batch is sent (its result dropped), which is
+    # the other half of the contract and not what this test is about.
     seen: list[float] = []
+    running = threading.Event()
+    release = threading.Event()
 
     def fn(batch: np.ndarray) -> np.ndarray:
-        seen.extend(float(row[0]) for row in batch)
+        if batch[0, 0] < 0:
+            running.set()
+            release.wait(WAIT_S)
+        else:
+            seen.extend(float(row[0]) for row in batch)
         return batch * 2
 
     async def main() -> list[float]:
@@ -1217,13 +1227,18 @@ def test_stacked_at_submission_a_cancelled_item_leaves_a_hole_that_is_not_sent()
         await asyncio.sleep(0)  # all queued, in consecutive buffer rows
         tasks[3].cancel()
         tasks[20].cancel()
+        release.set()
         done = await asyncio.gather(*tasks, return_exceptions=True)
         return [float(x[0]) for i, x in enumerate(done) if i not in (3, 20)]
 
     with Batcher(fn, collate=sk.Stack(), max_batch_size=16) as b:
         b.submit(np.zeros(2, np.float32))
         seen.clear()
+        blocker = threading.Thread(target=b.submit, args=(np.full(2, -1.0, np.float32),))
+        blocker.start()
+        assert running.wait(WAIT_S)
         got = asyncio.run(main())
+        blocker.join(WAIT_S)
     assert got == [2.0 * i for i in range(40) if i not in (3, 20)]
     assert sorted(seen) == [float(i) for i in range(40) if i not in (3, 20)]
 
