@@ -60,7 +60,7 @@ import numpy as np  # after _util, which pins the BLAS threads
 
 from servekit import Batcher, Predictor, Processes, Stack
 
-TRIALS = 3
+TRIALS = 5
 ROW_S = 0.8  # seconds of closed-loop load per row and trial
 IDEAL_S = 0.25  # seconds of direct full-batch calls per IDEAL measurement
 DIRECT_CALLS = 3_000  # direct batch-of-one calls per measurement (for the C = 1 row)
