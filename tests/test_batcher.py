@@ -804,7 +804,9 @@ async def test_bq11_cancel_during_execution_is_visible_to_the_batch_function() -
 
 
 def test_caller_threads_of_a_batch_are_all_woken_even_if_one_left() -> None:
-    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    # The batch forms when its seventh item comes (a full batch), however slow the
+    # machine is to start the callers.
+    batcher, release, calls = _held(max_batch_size=7, wait_for_full=True, max_wait_s=WAIT_S)
     with batcher, ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(batcher.submit, i) for i in range(3)]
         leaver = pool.submit(batcher.submit, "leaves", timeout_s=1.0)
@@ -822,8 +824,10 @@ def test_a_caller_thread_interrupted_while_its_batch_runs_leaves_and_the_rest_ar
 ) -> None:
     # A signal handler that raises (Ctrl-C's KeyboardInterrupt) interrupts the main
     # thread's wait: it gives its item up, and the other callers of the batch, which
-    # the interrupted caller would have woken in turn, still get their results.
-    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    # the interrupted caller would have woken in turn, still get their results. The
+    # batch forms when its fourth item comes, however slow the machine is to start the
+    # callers (max_wait_s is what the lone "after" waits for).
+    batcher, release, calls = _held(max_batch_size=4, wait_for_full=True, max_wait_s=1.0)
     with batcher, ThreadPoolExecutor(4) as pool:
 
         def others_then_interrupt() -> list[Future[Any]]:
@@ -863,7 +867,8 @@ def test_a_caller_thread_interrupted_after_its_result_came_still_wakes_the_next(
 
     monkeypatch.setattr(_batcher, "SyncWaiter", InterruptedOnWaking)  # made by submit
     monkeypatch.setattr(_batch_slots, "SyncWaiter", InterruptedOnWaking)  # chained by the slot
-    batcher, release, calls = _held(max_batch_size=8, wait_for_full=True, max_wait_s=0.05)
+    # The batch forms when its seventh item comes, however slow the callers start.
+    batcher, release, calls = _held(max_batch_size=7, wait_for_full=True, max_wait_s=WAIT_S)
     with batcher, ThreadPoolExecutor(8) as pool:
         futures = []
         for i in range(3):
